@@ -1,0 +1,25 @@
+# Two commands do all set-up: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The thesis in miniature on the embedded synthetic face set (see README).
+demo: $(STAMP)
+	$(PY) -m facekd_jax.suite --data=synthetic --workdir=runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q tests
+
+clean:
+	rm -rf $(VENV) runs
