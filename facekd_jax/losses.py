@@ -1,0 +1,472 @@
+"""Margin logits (ArcFace / CosFace / SphereFace), cross-entropy and knowledge-distillation losses.
+
+Every function here is pure `jax.numpy`, safe under `jax.jit` and `jax.grad`, and does its math in float32
+(inputs are cast). Shapes: B = batch, C = classes, E / D = embedding sizes. The class axis C is only touched by
+element-wise ops, reductions and a matmul, never by a gather, so it can be sharded over a ``"model"`` mesh axis
+(class-parallel head, as PartialFC with sample_rate = 1) and XLA inserts all-reduces, not all-gathers.
+
+`compute_loss` is the one composer the train step calls: CE on the margin logits plus the configured KD terms.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "KD_DEFAULTS",
+    "MarginHead",
+    "adaptive_margin",
+    "compute_loss",
+    "cross_entropy",
+    "feature_kd",
+    "hinton_kd",
+    "l2_normalize",
+    "margin_logits",
+    "rkd_angle",
+    "rkd_distance",
+    "similarity_kd",
+]
+
+# Floor of 1 - cos^2 under the square root: keeps sin and its gradient finite at cos = +-1. float32 values of
+# 1 - cos^2 are either 0 or >= ~1.2e-7, so this floor only changes the value at exactly +-1 (by ~1e-6).
+_SIN2_FLOOR = 1e-12
+# Batch Gram matrices of the KD losses are cheap ([B, B]) but cancel (distances from Gram entries), so they use
+# full float32 even where a float32 matmul would default to bf16 passes (TPU) or TF32 (GPU).
+_GRAM_PRECISION = jax.lax.Precision.HIGHEST
+# Floor of the squared norm in L2 normalisation (as torch.nn.functional.normalize's eps=1e-12 on the norm).
+_NORM2_FLOOR = 1e-24
+
+
+def _f32(x) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+def _is_static(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _clip_unit(x: jax.Array) -> jax.Array:
+    """Clip to [-1, 1] with gradient 1 on the closed interval (jnp.clip gives 0.5 at exactly +-1), 0 outside."""
+    return jnp.where((x >= -1.0) & (x <= 1.0), x, jnp.clip(x, -1.0, 1.0))
+
+
+def _safe_sin(cos: jax.Array) -> jax.Array:
+    """sin(arccos(cos)) = sqrt(1 - cos^2) for cos in [-1, 1]; finite value and gradient at +-1."""
+    return jnp.sqrt(jnp.maximum(1.0 - cos * cos, _SIN2_FLOOR))
+
+
+@jax.custom_jvp
+def _safe_arccos(cos: jax.Array) -> jax.Array:
+    """arccos for cos in [-1, 1] with derivative -1/sin(theta), sin floored at 1e-6 (finite at +-1)."""
+    return jnp.arctan2(_safe_sin(cos), cos)
+
+
+@_safe_arccos.defjvp
+def _safe_arccos_jvp(primals, tangents):
+    (cos,), (dcos,) = primals, tangents
+    # Keeps the chain rule's limit: d cos(m1*theta)/dcos -> m1^2 at cos = 1 (sin(m1*theta)/sin(theta) -> m1).
+    return _safe_arccos(cos), -dcos / _safe_sin(cos)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """x / ||x|| along `axis` in float32; a zero vector stays zero (finite gradient)."""
+    x = _f32(x)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), _NORM2_FLOOR))
+
+
+def _label_mask(labels: jax.Array, num_classes: int) -> jax.Array:
+    """bool [B, C], True at (i, labels[i]); a label outside [0, C) (e.g. -1) gives an all-False row."""
+    labels = jnp.asarray(labels)
+    # An iota comparison (element-wise over C, so a sharded class axis needs no gather; no take_along_axis).
+    return labels[:, None] == jnp.arange(num_classes, dtype=labels.dtype)[None, :]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Margin logits and the margin head
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _angular_target(cos: jax.Array, m1: float, m2, easy_margin: bool) -> jax.Array:
+    """cos(m1 * theta + m2) for the target cosines `cos` [B] (already in [-1, 1]), with the fallbacks.
+
+    m1 == 1 (ArcFace): cos*cos(m2) - sin*sin(m2) where cos > cos(pi - m2), else cos - sin(pi - m2) * m2.
+    m1 != 1 (SphereFace): psi(t) = (-1)^k cos(t) - 2k, t = m1 * theta + m2, k = floor(t / pi), the
+    monotonic extension of Liu et al. 2017; theta from a safe arccos (derivative -1/sin, sin floored).
+    easy_margin: the margin value where cos > 0, cos itself elsewhere (replaces the fallback).
+    """
+    if m1 == 1.0:
+        sin = _safe_sin(cos)
+        if _is_static(m2):
+            cos_m, sin_m = math.cos(m2), math.sin(m2)
+            threshold, penalty = math.cos(math.pi - m2), math.sin(math.pi - m2) * m2
+        else:
+            m2 = _f32(m2)
+            cos_m, sin_m = jnp.cos(m2), jnp.sin(m2)
+            threshold, penalty = jnp.cos(jnp.pi - m2), jnp.sin(jnp.pi - m2) * m2
+        with_margin = cos * cos_m - sin * sin_m
+        if easy_margin:
+            return jnp.where(cos > 0.0, with_margin, cos)
+        # Beyond theta + m2 = pi, cos(theta + m2) would increase again: use the CosFace-like linear fallback.
+        return jnp.where(cos > threshold, with_margin, cos - penalty)
+    theta = _safe_arccos(cos)
+    t = m1 * theta + (m2 if _is_static(m2) else _f32(m2))
+    k = jax.lax.stop_gradient(jnp.floor(t / jnp.pi))
+    psi = jnp.where(jnp.mod(k, 2.0) == 0.0, 1.0, -1.0) * jnp.cos(t) - 2.0 * k
+    if easy_margin:
+        return jnp.where(cos > 0.0, psi, cos)
+    return psi
+
+
+def margin_logits(
+    cosine: jax.Array,
+    labels: jax.Array,
+    *,
+    s: float = 64.0,
+    m1: float = 1.0,
+    m2: float | jax.Array = 0.5,
+    m3: float = 0.0,
+    easy_margin: bool = False,
+    straight_through: bool = False,
+) -> jax.Array:
+    """Combined-margin logits of arcface_torch (SphereFace m1, ArcFace m2, CosFace m3), scaled by s.
+
+    Args:
+      cosine: float [B, C], cosines of L2-normalised embeddings and class centres, in [-1, 1] (values
+        slightly outside are clipped for the angular part).
+      labels: int [B], the class of each row; a label outside [0, C) (e.g. -1 for "not on this shard")
+        leaves the row as s * cosine.
+      s: scale. m1: multiplicative angular margin (static Python float). m2: additive angular margin, a float
+        or a float array [B] (a per-sample margin, as MarginDistillation). m3: additive cosine margin.
+      easy_margin: apply the angular margin only where cos > 0 (instead of the fallback below).
+      straight_through: the values are the same, but the gradient is that of s * cosine (the margin is applied
+        without gradient, as arcface_torch's current CombinedMarginLoss does under torch.no_grad()).
+
+    Returns:
+      float32 [B, C]: at (i, labels[i]) s * (f(cos) - m3), elsewhere s * cos, where with theta = arccos(cos)
+      f = cos(theta + m2) = cos*cos(m2) - sin*sin(m2) when m1 == 1 and theta + m2 <= pi, and the standard
+      fallback cos - sin(pi - m2) * m2 beyond (arcface_torch's older form, with true gradients; it jumps from
+      -1 to cos(pi - m2) - sin(pi - m2) * m2 at the threshold, as the original does);
+      f = (-1)^k cos(m1*theta + m2) - 2k, k = floor((m1*theta + m2) / pi) when m1 != 1 (SphereFace's
+      monotonic extension). The m1 == 1 path never calls arccos. Values and gradients are finite for every
+      cosine in [-1, 1], including exactly +-1 (sin is floored at 1e-6 under the square root).
+      ArcFace = (1, 0.5, 0), CosFace = (1, 0, 0.35..0.4); (1, 0, 0) gives s * cos exactly.
+    """
+    cosine = _f32(cosine)
+    if cosine.ndim != 2:
+        raise ValueError(f"margin_logits: cosine must be [B, C], got shape {cosine.shape}")
+    m1 = float(m1)
+    mask = _label_mask(labels, cosine.shape[1])
+    # Target cosines [B] by a masked reduction over C (an all-reduce when C is sharded, never a gather).
+    target = jnp.sum(jnp.where(mask, cosine, 0.0), axis=1)
+    angular = m1 != 1.0 or not (_is_static(m2) and m2 == 0.0)
+    if angular:
+        clipped = _clip_unit(target)
+        new_target = _angular_target(clipped, m1, m2, easy_margin)
+    else:
+        new_target = target
+    if not (_is_static(m3) and m3 == 0.0):
+        new_target = new_target - m3
+    if straight_through:
+        new_target = target + jax.lax.stop_gradient(new_target - target)
+    return s * jnp.where(mask, new_target[:, None], cosine)
+
+
+class MarginHead(nn.Module):
+    """Class centres W [E, C] (no bias), N(0, 0.01) init as arcface_torch / PartialFC.
+
+    __call__(embeddings float [B, E]) -> cosine float32 [B, C] between the L2-normalised embeddings and the
+    L2-normalised centres. W is normalised along axis 0 (per class column) only, so sharding W's class axis
+    over a "model" mesh axis (PartitionSpec(None, "model")) needs no gather: the cosine comes out sharded on C.
+    Feed it to `margin_logits`. `precision` is the matmul precision (None: the backend's float32 default,
+    which is TF32 on recent GPUs and bf16 passes on TPU, like arcface_torch's fp16 head; "highest" for exact).
+    """
+
+    num_classes: int
+    kernel_init: Any = nn.initializers.normal(stddev=0.01)
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, embeddings: jax.Array) -> jax.Array:
+        embeddings = _f32(embeddings)
+        kernel = self.param("kernel", self.kernel_init, (embeddings.shape[-1], self.num_classes), jnp.float32)
+        return jnp.matmul(l2_normalize(embeddings, axis=-1), l2_normalize(kernel, axis=0), precision=self.precision)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Batch mean of -log softmax(logits)[label]; logits float [B, C], labels int [B] -> float32 scalar."""
+    log_probs = jax.nn.log_softmax(_f32(logits), axis=-1)
+    mask = _label_mask(labels, log_probs.shape[-1])
+    return -jnp.mean(jnp.sum(jnp.where(mask, log_probs, 0.0), axis=-1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Knowledge-distillation losses
+# --------------------------------------------------------------------------------------------------------------
+
+
+def hinton_kd(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network".
+
+    T^2 * mean_i KL(softmax(z_t,i / T) || softmax(z_s,i / T))
+        = T^2 / B * sum_i sum_c p_t,ic (log p_t,ic - log p_s,ic).
+    student_logits, teacher_logits: float [B, C] -> float32 scalar >= 0 (up to rounding, ~1e-7 relative).
+    The T^2 factor keeps the gradient magnitude comparable to the CE term across temperatures.
+    Applied to the ArcFace margin logits of both networks it is the thesis's "KD matched to the ArcFace
+    objective" (see `compute_loss`, kd.hinton_logits = "margin"; MarginDistillation's logit KD, T = 4).
+    """
+    log_p_s = jax.nn.log_softmax(_f32(student_logits) / temperature, axis=-1)
+    log_p_t = jax.nn.log_softmax(_f32(teacher_logits) / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+    return temperature**2 * jnp.mean(kl)
+
+
+def feature_kd(student_embeddings: jax.Array, teacher_embeddings: jax.Array, kind: str = "mse") -> jax.Array:
+    """Embedding (template) KD on L2-normalised embeddings; both float [B, D] -> float32 scalar.
+
+    kind="mse": mean over B and D of (s_hat - t_hat)^2 = mean_i (2 - 2 cos_i) / D, the template KD of PocketNet
+      (Boutros et al. 2022; used there as 100 * mse next to ArcFace).
+    kind="cosine": mean_i (1 - cos(s_i, t_i)), the angular KD of ShrinkTeaNet (Duong et al. 2019).
+    Invariant to a positive rescaling of either input (each row is normalised).
+    """
+    s_hat, t_hat = l2_normalize(student_embeddings), l2_normalize(teacher_embeddings)
+    if s_hat.shape != t_hat.shape:
+        raise ValueError(
+            f"feature_kd: student {s_hat.shape} and teacher {t_hat.shape} embeddings must have the same shape")
+    if kind == "mse":
+        return jnp.mean(jnp.square(s_hat - t_hat))
+    if kind == "cosine":
+        return jnp.mean(1.0 - jnp.sum(s_hat * t_hat, axis=-1))
+    raise ValueError(f"feature_kd: kind must be 'mse' or 'cosine', got {kind!r}")
+
+
+def _smooth_l1(x: jax.Array) -> jax.Array:
+    """Huber with delta 1 (torch smooth_l1_loss, beta=1): 0.5 x^2 if |x| < 1 else |x| - 0.5."""
+    a = jnp.abs(x)
+    return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
+
+
+def _pairwise_sq_dist(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Centred Gram form of squared Euclidean distances: (gram [B, B], sq [B, B]), x float32 [B, D]."""
+    # Distances and angles are translation invariant; centring first limits the Gram-form cancellation.
+    x = x - jnp.mean(x, axis=0, keepdims=True)
+    gram = jnp.matmul(x, x.T, precision=_GRAM_PRECISION)
+    sq_norm = jnp.diagonal(gram)
+    return gram, jnp.maximum(sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram, 0.0)
+
+
+def _normalised_distances(x: jax.Array) -> jax.Array:
+    """Pairwise Euclidean distances [B, B], zero diagonal, divided by the mean off-diagonal distance."""
+    b = x.shape[0]
+    _, sq = _pairwise_sq_dist(_f32(x))
+    off = ~jnp.eye(b, dtype=bool)
+    # Double where: the diagonal never reaches sqrt(0), whose gradient is infinite.
+    d = jnp.where(off, jnp.sqrt(jnp.where(off, jnp.maximum(sq, 1e-12), 1.0)), 0.0)
+    mean = jnp.sum(d) / (b * (b - 1))
+    return d / jnp.maximum(mean, 1e-12)
+
+
+def rkd_distance(student_embeddings: jax.Array, teacher_embeddings: jax.Array) -> jax.Array:
+    """Distance-wise relational KD, Park, Kim, Lu & Cho 2019, "Relational Knowledge Distillation" (RKD-D).
+
+    psi_D(x_i, x_j) = ||x_i - x_j|| / mu, mu = mean of the B(B-1) off-diagonal distances of the batch;
+    loss = mean over all B x B pairs (diagonal included, where both are 0, as the authors' code) of
+    smooth_l1(psi_D(s_i, s_j) - psi_D(t_i, t_j)).
+    student_embeddings float [B, D_s], teacher_embeddings float [B, D_t] (D_s may differ from D_t), B >= 2
+    -> float32 scalar. Takes the raw embeddings (the paper applies RKD to the embedding-network output, not to
+    L2-normalised vectors). Invariant to translation and to a positive scale of either input. Memory O(B^2).
+    Duplicate rows (distance 0) have a finite (zero) gradient.
+    """
+    if student_embeddings.shape[0] < 2:
+        raise ValueError(f"rkd_distance: needs a batch of at least 2, got {student_embeddings.shape[0]}")
+    d_s = _normalised_distances(student_embeddings)
+    d_t = _normalised_distances(teacher_embeddings)
+    return jnp.mean(_smooth_l1(d_s - d_t))
+
+
+def _triplet_cosines(x: jax.Array) -> jax.Array:
+    """[B, B, B] with [i, j, k] = cos of the angle at x_i between x_j and x_k; 0 where j == i or k == i."""
+    b = x.shape[0]
+    gram, sq = _pairwise_sq_dist(_f32(x))
+    off = ~jnp.eye(b, dtype=bool)
+    d = jnp.sqrt(jnp.where(off, jnp.maximum(sq, 1e-12), 1.0))  # 1 on the diagonal, masked below
+    g_ii = jnp.diagonal(gram)
+    # (x_j - x_i) . (x_k - x_i) = G_jk - G_ij - G_ik + G_ii, without materialising [B, B, D] differences.
+    dots = gram[None, :, :] - gram[:, :, None] - gram[:, None, :] + g_ii[:, None, None]
+    valid = off[:, :, None] & off[:, None, :]
+    denom = jnp.where(valid, d[:, :, None] * d[:, None, :], 1.0)
+    return jnp.where(valid, dots / denom, 0.0)
+
+
+def rkd_angle(student_embeddings: jax.Array, teacher_embeddings: jax.Array) -> jax.Array:
+    """Angle-wise relational KD, Park, Kim, Lu & Cho 2019, "Relational Knowledge Distillation" (RKD-A).
+
+    psi_A(x_i, x_j, x_k) = <e_ij, e_ik>, e_ij = (x_j - x_i) / ||x_j - x_i||, the cosine of the angle at x_i;
+    loss = mean over all B^3 triplets (0 for both where j == i or k == i, as the authors' code) of
+    smooth_l1(psi_A(s) - psi_A(t)).
+    student_embeddings float [B, D_s], teacher_embeddings float [B, D_t], B >= 3 -> float32 scalar.
+    Raw embeddings, as the paper. Invariant to translation, rotation and positive scale of either input.
+    Memory O(B^3): two [B, B, B] float32 tensors (B = 512: 0.5 GiB each), plus their gradients under grad.
+    The paper weights it 2 against 1 for the distance term.
+    """
+    if student_embeddings.shape[0] < 3:
+        raise ValueError(f"rkd_angle: needs a batch of at least 3, got {student_embeddings.shape[0]}")
+    return jnp.mean(_smooth_l1(_triplet_cosines(student_embeddings) - _triplet_cosines(teacher_embeddings)))
+
+
+def similarity_kd(student_embeddings: jax.Array, teacher_embeddings: jax.Array) -> jax.Array:
+    """Similarity-matrix KD: mean over the B x B pairs of (S_s - S_t)^2, S = X_hat X_hat^T (cosines).
+
+    The building block of evaluation-oriented KD (Huang et al., CVPR 2022, "Evaluation-oriented Knowledge
+    Distillation for Deep Face Recognition"; cf. Tung & Mori 2019 similarity-preserving KD): the student keeps
+    the teacher's pairwise cosine structure of the batch, the quantity verification thresholds.
+    student_embeddings float [B, D_s], teacher_embeddings float [B, D_t] -> float32 scalar. Embeddings are
+    L2-normalised, so it is invariant to a positive rescaling of any row of either input.
+    """
+    s_hat, t_hat = l2_normalize(student_embeddings), l2_normalize(teacher_embeddings)
+    s_sim = jnp.matmul(s_hat, s_hat.T, precision=_GRAM_PRECISION)
+    t_sim = jnp.matmul(t_hat, t_hat.T, precision=_GRAM_PRECISION)
+    return jnp.mean(jnp.square(s_sim - t_sim))
+
+
+def adaptive_margin(
+    teacher_cosine: jax.Array, labels: jax.Array, *, m_min: float = 0.2, m_max: float = 0.5
+) -> jax.Array:
+    """Per-sample ArcFace margin of MarginDistillation (Svitov & Alyamkin 2020).
+
+    d_i = max(cos(t_i, W_T[y_i]), 0) (teacher embedding vs its own class centre), then
+    m_i = (m_max - m_min) / max_batch(d) * d_i + m_min, in [m_min, m_max]: samples the teacher finds easy get
+    a larger margin. teacher_cosine float [B, C], labels int [B] -> float32 [B], a constant (stop_gradient).
+    Pass the result as `m2` to `margin_logits` for the student (on the teacher's frozen centres).
+    """
+    teacher_cosine = jax.lax.stop_gradient(_f32(teacher_cosine))
+    mask = _label_mask(labels, teacher_cosine.shape[1])
+    d = jnp.maximum(jnp.sum(jnp.where(mask, teacher_cosine, 0.0), axis=1), 0.0)
+    return (m_max - m_min) / jnp.maximum(jnp.max(d), 1e-12) * d + m_min
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The composer
+# --------------------------------------------------------------------------------------------------------------
+
+KD_DEFAULTS: dict[str, Any] = {
+    "ce_weight": 1.0,
+    "hinton_weight": 0.0,
+    "temperature": 4.0,
+    "hinton_logits": "plain",
+    "feature_weight": 0.0,
+    "feature_kind": "mse",
+    "rkd_distance_weight": 0.0,
+    "rkd_angle_weight": 0.0,
+    "similarity_weight": 0.0,
+    "teacher_centres": False,
+    "adaptive_margin": False,
+    "margin_min": 0.2,
+    "margin_max": 0.5,
+}
+
+
+def _kd_settings(kd: Mapping[str, Any] | None) -> dict[str, Any]:
+    """KD_DEFAULTS overridden by `kd` (dict or ml_collections.ConfigDict); unknown key -> KeyError naming it."""
+    settings = dict(KD_DEFAULTS)
+    if kd is None:
+        return settings
+    for key in kd.keys():
+        if key not in KD_DEFAULTS:
+            raise KeyError(f"unknown kd config key kd.{key}; valid keys: {', '.join(sorted(KD_DEFAULTS))}")
+        settings[key] = kd[key]
+    if settings["hinton_logits"] not in ("plain", "margin"):
+        raise ValueError(f"kd.hinton_logits must be 'plain' or 'margin', got {settings['hinton_logits']!r}")
+    if settings["feature_kind"] not in ("mse", "cosine"):
+        raise ValueError(f"kd.feature_kind must be 'mse' or 'cosine', got {settings['feature_kind']!r}")
+    return settings
+
+
+def compute_loss(
+    kd: Mapping[str, Any] | None,
+    *,
+    labels: jax.Array,
+    student_embeddings: jax.Array,
+    student_cosine: jax.Array,
+    teacher_embeddings: jax.Array | None = None,
+    teacher_cosine: jax.Array | None = None,
+    scale: float = 64.0,
+    margin_list: tuple[float, float, float] = (1.0, 0.5, 0.0),
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss = kd.ce_weight * CE(margin logits) + sum of the configured KD terms times their weights.
+
+    Args:
+      kd: mapping with the keys of KD_DEFAULTS (missing keys take those defaults; an unknown key raises
+        KeyError naming it). Weights are static Python numbers: a term with weight 0 is not computed.
+      labels: int [B]. student_embeddings: float [B, E_s] raw backbone output.
+      student_cosine: float [B, C], student embeddings against the centres in use (its own head, or the
+        teacher's frozen head when kd.teacher_centres: ProxylessKD; the train step decides).
+      teacher_embeddings: float [B, E_t] or None; teacher_cosine: float [B, C] (teacher embeddings against the
+        teacher's centres) or None. Both are wrapped in stop_gradient here: no gradient reaches the teacher.
+      scale, margin_list: s and (m1, m2, m3) of `margin_logits`.
+
+    Terms (unweighted values, float32 scalars): "ce" (always), "total" (always), and when their weight != 0:
+      "hinton": hinton_kd at kd.temperature on s * cos of both (kd.hinton_logits = "plain", conventional KD
+        of the classification layer) or on the margin logits of both (= "margin": the student's CE logits and
+        margin_logits(teacher_cosine), the thesis's KD matched to the ArcFace objective);
+      "feature": feature_kd(kind=kd.feature_kind); "rkd_distance", "rkd_angle" (raw embeddings);
+      "similarity": similarity_kd.
+    kd.adaptive_margin (MarginDistillation): the student's m2 becomes adaptive_margin(teacher_cosine, labels,
+    m_min=kd.margin_min, m_max=kd.margin_max) instead of margin_list[1].
+
+    Returns: (total float32 scalar, terms dict[str, float32 scalar]).
+    """
+    cfg = _kd_settings(kd)
+    m1, m2, m3 = (float(m) for m in margin_list)
+    if teacher_embeddings is not None:
+        teacher_embeddings = jax.lax.stop_gradient(_f32(teacher_embeddings))
+    if teacher_cosine is not None:
+        teacher_cosine = jax.lax.stop_gradient(_f32(teacher_cosine))
+
+    def need(name, value, key):
+        if value is None:
+            raise ValueError(f"kd.{key} is on but compute_loss got no {name}")
+        return value
+
+    student_m2 = m2
+    if cfg["adaptive_margin"]:
+        student_m2 = adaptive_margin(
+            need("teacher_cosine", teacher_cosine, "adaptive_margin"),
+            labels,
+            m_min=float(cfg["margin_min"]),
+            m_max=float(cfg["margin_max"]),
+        )
+    logits = margin_logits(student_cosine, labels, s=scale, m1=m1, m2=student_m2, m3=m3)
+    terms: dict[str, jax.Array] = {"ce": cross_entropy(logits, labels)}
+    weights: dict[str, float] = {"ce": float(cfg["ce_weight"])}
+
+    if float(cfg["hinton_weight"]) != 0.0:
+        t_cos = need("teacher_cosine", teacher_cosine, "hinton_weight")
+        if cfg["hinton_logits"] == "margin":
+            s_logits = logits
+            t_logits = margin_logits(t_cos, labels, s=scale, m1=m1, m2=m2, m3=m3)
+        else:
+            s_logits, t_logits = scale * _f32(student_cosine), scale * t_cos
+        terms["hinton"] = hinton_kd(s_logits, t_logits, float(cfg["temperature"]))
+        weights["hinton"] = float(cfg["hinton_weight"])
+
+    pair_terms = {
+        "feature": ("feature_weight", lambda s, t: feature_kd(s, t, kind=cfg["feature_kind"])),
+        "rkd_distance": ("rkd_distance_weight", rkd_distance),
+        "rkd_angle": ("rkd_angle_weight", rkd_angle),
+        "similarity": ("similarity_weight", similarity_kd),
+    }
+    for name, (key, fn) in pair_terms.items():
+        if float(cfg[key]) != 0.0:
+            terms[name] = fn(student_embeddings, need("teacher_embeddings", teacher_embeddings, key))
+            weights[name] = float(cfg[key])
+
+    total = jnp.asarray(0.0, jnp.float32)
+    for name, value in terms.items():
+        total = total + weights[name] * value
+    terms["total"] = total
+    return total, terms
