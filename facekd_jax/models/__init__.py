@@ -1,0 +1,100 @@
+"""Face-recognition backbones with an embedding head, by name.
+
+>>> model = build_model("iresnet18", embedding_size=512)          # a flax.linen.Module
+>>> variables = model.init({"params": key, "dropout": key2}, images, train=False)  # {"params", "batch_stats"}
+>>> emb = model.apply(variables, images, train=False)              # float32 [B, 512], not normalised
+>>> emb, upd = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+
+images: float [B, S, S, 3], NHWC RGB, normalised as (pixel - 127.5) / 127.5 (arcface_torch).
+Models: resnet18 (thesis teacher, torchvision body), resnet56 (thesis student, CIFAR body), and insightface's
+iresnet18/34/50/100. Params are float32 always; ``dtype`` sets the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from facekd_jax.models.heads import HEAD_KINDS, EmbeddingHead
+from facekd_jax.models.iresnet import IRESNET_STAGES, IResNet
+from facekd_jax.models.resnet import RESNET_CONFIGS, ResNet
+from facekd_jax.models.summary import count_params, model_summary
+
+MODEL_NAMES = ("resnet18", "resnet56", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
+
+# The head each family is known with: insightface flattens its 7x7 map; the thesis's pair pools globally.
+DEFAULT_HEADS = {name: "flatten" if name.startswith("iresnet") else "gap" for name in MODEL_NAMES}
+
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _compute_dtype(dtype: Any):
+    """'float32' | 'bfloat16' | 'bf16' | ... | a jnp dtype -> the numpy dtype; ValueError if not floating."""
+    try:
+        resolved = jnp.dtype(_DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    except TypeError as e:
+        raise ValueError(f"build_model: dtype {dtype!r} is not a dtype (use 'float32' or 'bfloat16')") from e
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"build_model: dtype must be floating (e.g. 'float32', 'bfloat16'), got {dtype!r}")
+    return resolved
+
+
+def build_model(
+    name: str,
+    *,
+    embedding_size: int = 512,
+    dropout: float = 0.0,
+    dtype: Any = "float32",
+    image_size: int = 112,
+    head: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """The backbone ``name`` with a face-embedding head, as a flax.linen Module.
+
+    Args:
+      name: one of MODEL_NAMES.
+      embedding_size: E, the embedding width.
+      dropout: dropout rate before the head's FC (train mode only).
+      dtype: compute dtype ("float32", "bfloat16"/"bf16", or a jnp dtype); params are float32 regardless,
+        embeddings are returned as float32.
+      image_size: S, the input side the model is built for (inputs must be [B, S, S, 3]); the "flatten"
+        head's FC input size follows it.
+      head: "gap" (BN2d -> global average pool -> dropout -> FC -> BN1d) or "flatten" (insightface:
+        BN2d -> flatten -> dropout -> FC -> BN1d); None = the model's default (DEFAULT_HEADS).
+      **kwargs: further fields of the module (e.g. stage_sizes, widths).
+    Returns:
+      module with ``apply(variables, images [B, S, S, 3], train) -> float32 [B, E]``.
+    Raises:
+      ValueError: unknown name (the message lists MODEL_NAMES), unknown head, non-floating dtype.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"build_model: unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    head = DEFAULT_HEADS[name] if head is None else head
+    if head not in HEAD_KINDS:
+        raise ValueError(f"build_model({name!r}): unknown head {head!r}; known heads: {', '.join(HEAD_KINDS)}")
+    if int(image_size) < 1 or int(embedding_size) < 1:
+        raise ValueError(f"build_model({name!r}): image_size and embedding_size must be positive")
+    common = dict(
+        embedding_size=int(embedding_size),
+        dropout=float(dropout),
+        dtype=_compute_dtype(dtype),
+        image_size=int(image_size),
+        head=head,
+    )
+    if name in IRESNET_STAGES:
+        return IResNet(**{"stage_sizes": IRESNET_STAGES[name], **common, **kwargs})
+    return ResNet(**{**RESNET_CONFIGS[name], **common, **kwargs})
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "DEFAULT_HEADS",
+    "HEAD_KINDS",
+    "build_model",
+    "count_params",
+    "model_summary",
+    "EmbeddingHead",
+    "IResNet",
+    "ResNet",
+]
