@@ -1,0 +1,193 @@
+"""Image decoding shared by every source: decode, optional crop box, resize to the model's input size.
+
+One implementation for training and verification, so a face is preprocessed the same way in both.
+The fast path is TensorFlow's own decoders (JPEG, PNG, BMP, GIF; they release the GIL); anything else
+(PGM/PPM, a truncated or corrupt file) goes through Pillow inside `tf.numpy_function`, which also turns a
+file that cannot be decoded into a skipped example that is counted and named in the log.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import threading
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+Crop = Optional[Tuple[int, int, int, int]]
+
+log = logging.getLogger(__name__)
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be decoded; the message names the file or record."""
+
+
+class _CorruptCounter:
+    """Counts (and remembers the names of) images skipped because they could not be decoded."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.names: list[str] = []
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self.names.append(name)
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.names.clear()
+
+
+# Process-wide: tf.data runs decoding on its own threads, so the pipeline cannot return the count directly.
+CORRUPT = _CorruptCounter()
+
+
+def split_crop(spec: str) -> Tuple[str, Crop]:
+    """'path@l,t,r,b' -> ('path', (l, t, r, b)); 'path' -> ('path', None)."""
+    if "@" not in spec:
+        return spec, None
+    path, box = spec.rsplit("@", 1)
+    try:
+        values = tuple(int(v) for v in box.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]:
+        raise ValueError(
+            f"crop box {box!r} in spec {spec!r} must be '@left,top,right,bottom' with right > left and bottom > top")
+    return path, values
+
+
+def _pil_decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Bytes -> uint8 [H, W, 3] RGB with Pillow; raises ImageDecodeError naming `name`."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # Pillow is lazy: force the decode so truncation is caught here.
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(f"cannot decode image {name}: {e}") from e
+
+
+@functools.lru_cache(maxsize=16)
+def _crop_resize_graph(image_size: int, crop: Crop):
+    # One traced graph per (size, crop): op-by-op eager execution costs ~3x more per image.
+    return tf.function(functools.partial(_crop_resize_tf, image_size=image_size, crop=crop), autograph=False,
+                       input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+
+
+def _crop_resize_np(img: np.ndarray, image_size: int, crop: Crop) -> np.ndarray:
+    if crop is None and img.shape[:2] == (image_size, image_size):
+        return img  # nothing to do: skip TF entirely (converters call this once per image)
+    return _crop_resize_graph(int(image_size), None if crop is None else tuple(crop))(img).numpy()
+
+
+def decode_image_np(data: bytes, *, image_size: int, crop: Crop = None, name: str = "<bytes>") -> np.ndarray:
+    """Encoded image bytes -> uint8 [image_size, image_size, 3] RGB (eager; for converters and small sets).
+
+    Raises ImageDecodeError naming `name` when the bytes are not a decodable image.
+    """
+    return _crop_resize_np(_pil_decode(data, name), image_size, crop)
+
+
+def _crop_resize_tf(img: tf.Tensor, image_size: int, crop: Crop) -> tf.Tensor:
+    """uint8 [H, W, 3] -> uint8 [S, S, 3]: crop box (clipped to the image), then antialiased bilinear resize."""
+    if crop is not None:
+        h, w = tf.shape(img)[0], tf.shape(img)[1]
+        left = tf.clip_by_value(crop[0], 0, w - 1)
+        top = tf.clip_by_value(crop[1], 0, h - 1)
+        right = tf.clip_by_value(crop[2], left + 1, w)
+        bottom = tf.clip_by_value(crop[3], top + 1, h)
+        img = img[top:bottom, left:right]
+    shape = tf.shape(img)
+    same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
+
+    def resize():
+        out = tf.image.resize(img, (image_size, image_size), method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+    out = tf.cond(same, lambda: img, resize)
+    return tf.ensure_shape(out, (image_size, image_size, 3))
+
+
+def _looks_complete(encoded: tf.Tensor) -> tf.Tensor:
+    """True for a JPEG with its end marker, or a PNG/BMP/GIF header: TF's fast decoders take those.
+
+    A truncated JPEG has no FFD9 end marker; TF would either fail the whole pipeline or return a grey
+    half-image silently, so such files go to Pillow, which names and skips them.
+    """
+    head2 = tf.strings.substr(encoded, 0, 2)
+    n = tf.strings.length(encoded)
+    tail = tf.strings.substr(encoded, tf.maximum(n - 2, 0), 2)
+    is_jpeg = tf.equal(head2, b"\xff\xd8")
+    jpeg_ok = tf.logical_and(is_jpeg, tf.equal(tail, b"\xff\xd9"))
+    png = tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n")
+    bmp = tf.equal(head2, b"BM")
+    gif = tf.equal(tf.strings.substr(encoded, 0, 4), b"GIF8")
+    return tf.logical_or(jpeg_ok, tf.logical_or(png, tf.logical_or(bmp, gif)))
+
+
+def _pil_decode_or_flag(data: bytes, name: bytes):
+    """numpy_function body: (image, True) or (1x1 black, False) after logging and counting the bad file."""
+    # tf.numpy_function hands scalar strings over as 0-d object arrays.
+    data = data.item() if isinstance(data, np.ndarray) else data
+    name = name.item() if isinstance(name, np.ndarray) else name
+    label = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    try:
+        return _pil_decode(data, label), np.bool_(True)
+    except ImageDecodeError as e:
+        CORRUPT.add(label)
+        log.warning("skipping corrupt image (%d so far): %s", CORRUPT.count, e)
+        return np.zeros((1, 1, 3), np.uint8), np.bool_(False)
+
+
+def decode_image_tf(encoded: tf.Tensor, *, image_size: int, crop: Crop = None,
+                    name: tf.Tensor | str = "<bytes>") -> Tuple[tf.Tensor, tf.Tensor]:
+    """Graph-mode decode for tf.data: scalar string -> (uint8 [S, S, 3] RGB, ok bool scalar).
+
+    `name` (a file path or record key) is what the log says when the image is corrupt; filter on `ok` to
+    skip it. Greyscale and palette images become RGB; non-square images are resized (after `crop`).
+    """
+    name = tf.convert_to_tensor(name, tf.string)
+
+    def fast():
+        img = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return tf.cast(img, tf.uint8), tf.constant(True)
+
+    def slow():
+        img, ok = tf.numpy_function(_pil_decode_or_flag, [encoded, name], (tf.uint8, tf.bool), stateful=False)
+        return tf.reshape(img, (-1, tf.shape(img)[1], 3)), tf.reshape(ok, ())
+
+    img, ok = tf.cond(_looks_complete(encoded), fast, slow)
+    img.set_shape((None, None, 3))
+    return _crop_resize_tf(img, image_size, crop), ok
+
+
+def decode_many(encoded: Sequence[bytes], *, image_size: int, crop: Crop = None,
+                names: Optional[Sequence[str]] = None, num_parallel_calls: int = 8) -> np.ndarray:
+    """Decode a list of encoded images in parallel -> uint8 [N, S, S, 3]; a corrupt one raises, naming it.
+
+    For verification sets, where skipping a pair would silently change the protocol.
+    """
+    if names is None:
+        names = [f"image {i}" for i in range(len(encoded))]
+    if len(encoded) == 0:
+        return np.zeros((0, image_size, image_size, 3), np.uint8)
+    ds = tf.data.Dataset.from_tensor_slices((list(encoded), list(names)))
+    ds = ds.map(lambda e, n: decode_image_tf(e, image_size=image_size, crop=crop, name=n),
+                num_parallel_calls=num_parallel_calls, deterministic=True)
+    images, oks = [], []
+    for img, ok in ds.batch(256).as_numpy_iterator():
+        images.append(img)
+        oks.append(ok)
+    ok = np.concatenate(oks)
+    if not ok.all():
+        bad = [names[i] for i in np.flatnonzero(~ok)[:5]]
+        raise ImageDecodeError(f"{int((~ok).sum())} image(s) could not be decoded, e.g. {', '.join(bad)}")
+    return np.concatenate(images)
