@@ -21,7 +21,8 @@ from facekd_jax.models.iresnet import IRESNET_STAGES, IResNet
 from facekd_jax.models.resnet import RESNET_CONFIGS, ResNet
 from facekd_jax.models.summary import count_params, model_summary
 
-MODEL_NAMES = ("resnet18", "resnet56", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
+MODEL_NAMES = ("resnet18", "resnet56", "iresnet18", "iresnet34", "iresnet50", "iresnet100",
+               "resnet10", "resnet34", "resnet8", "resnet20")
 
 # The head each family is known with: insightface flattens its 7x7 map; the thesis's pair pools globally.
 DEFAULT_HEADS = {name: "flatten" if name.startswith("iresnet") else "gap" for name in MODEL_NAMES}

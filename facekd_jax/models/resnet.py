@@ -22,8 +22,14 @@ import jax.numpy as jnp
 from facekd_jax.models.heads import EmbeddingHead
 from facekd_jax.models.layers import batch_norm, check_images, conv
 
+# torchvision-style (ImageNet stem) and CIFAR-style (6n+2 layers) families; resnet18/resnet56 are the thesis's
+# pair, the others are smaller or intermediate members for quick experiments and tests.
 RESNET_CONFIGS = {
+    "resnet10": dict(stage_sizes=(1, 1, 1, 1), widths=(64, 128, 256, 512), stem="imagenet"),
     "resnet18": dict(stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet"),
+    "resnet34": dict(stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem="imagenet"),
+    "resnet8": dict(stage_sizes=(1, 1, 1), widths=(16, 32, 64), stem="cifar"),
+    "resnet20": dict(stage_sizes=(3, 3, 3), widths=(16, 32, 64), stem="cifar"),
     "resnet56": dict(stage_sizes=(9, 9, 9), widths=(16, 32, 64), stem="cifar"),
 }
 

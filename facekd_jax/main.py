@@ -1,0 +1,73 @@
+"""Command line: train or evaluate one run from an ml_collections config file.
+
+  python -m facekd_jax.main --config=configs/feature_kd.py --workdir=runs/fkd [--config.field=value ...]
+  python -m facekd_jax.main --config=configs/feature_kd.py --workdir=runs/fkd --mode=eval
+"""
+import os
+import sys
+
+# TensorFlow is only the input pipeline: keep it off the accelerators JAX uses, and quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # `from configs import default` inside config files, from any working directory
+    sys.path.insert(0, _REPO)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (FILE.py[:variant]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and eval results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train: train (resuming if possible); eval: evaluate.")
+flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "eval mode: which checkpoint to evaluate.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    from facekd_jax import train  # noqa: E402 (after TF is kept off the GPU)
+
+    logging.info("config:\n%s", FLAGS.config)
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+        train.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+
+
+def check_config_overrides(argv) -> None:
+    """Fails on an unknown `--config.a.b=...` key before absl does, naming the key and the valid ones."""
+    import importlib.util
+
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if not path or not overrides:
+        return
+    file, _, variant = path.partition(":")
+    if not os.path.exists(file):
+        sys.exit(f"error: --config={path}: config file {file} does not exist")
+    spec = importlib.util.spec_from_file_location("_facekd_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    for key in overrides:
+        node, walked = config, []
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                where = ".".join(walked) or "the config"
+                sys.exit(f"error: unknown config key --config.{key}: {where} has no field {part!r}; "
+                         f"valid keys: {', '.join(valid)}")
+            node, walked = node[part], walked + [part]
+
+
+def run():
+    check_config_overrides(sys.argv[1:])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,548 @@
+"""Training: TrainState, the pure sharded train step (ArcFace + KD), the optimiser, and the loop.
+
+Data flow of one step (all inside one `jax.jit`, the state donated):
+  images --student.apply(train)--> embeddings --margin head--> cosine --+
+  images --teacher.apply(eval, frozen)--> teacher embeddings/cosine ----+--> losses.compute_loss --> grads
+  --> optax (clip backbone, weight decay on kernels, SGD momentum) --> new state, metrics
+The global batch is sharded over the mesh's `data` axis, so XLA inserts the gradient all-reduce; the margin
+head's class axis is sharded over `model` (size 1 unless `mesh.model_parallelism` > 1), never gathered.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from facekd_jax import checkpoint as ckpt_lib
+from facekd_jax import data as data_lib
+from facekd_jax import evaluate as eval_lib
+from facekd_jax import losses
+from facekd_jax import models
+
+log = logging.getLogger(__name__)
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree, so it can be jitted, donated and checkpointed.
+
+    params: {"backbone": student params, "head": {"kernel": [E, C]}}; batch_stats: the student's BN stats;
+    rng: a raw uint32 [2] key (per-step keys are fold_in(rng, step), so resuming reproduces them);
+    nonfinite_steps: steps whose loss or gradient was NaN/Inf and whose update was therefore not applied.
+    """
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+    nonfinite_steps: jax.Array
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+# ----------------------------------------------------------------------------------------------- mesh
+
+
+def make_mesh(model_parallelism: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A ("data", "model") mesh over all devices; `model` shards the margin head's classes."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    if model_parallelism < 1 or n % model_parallelism:
+        raise ValueError(f"mesh.model_parallelism={model_parallelism} must divide the device count {n}")
+    return jax.make_mesh((n // model_parallelism, model_parallelism), ("data", "model"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
+
+
+def _leaf_spec(path, leaf) -> P:
+    """Class centres [E, C] (and their optimiser slots) shard C over `model`; everything else is replicated."""
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if "head" in keys and keys[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2:
+        return P(None, "model")
+    return P()
+
+
+def tree_shardings(tree: PyTree, mesh) -> PyTree:
+    return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, _leaf_spec(p, x)), tree)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
+    """This process's share of the batch -> global arrays sharded on `data`."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def build_student(config) -> nn.Module:
+    return models.build_model(config.model, embedding_size=config.embedding_size, dropout=config.dropout,
+                              dtype=config.dtype, image_size=config.data.image_size, head=config.head or None)
+
+
+def build_teacher(config) -> Optional[nn.Module]:
+    if not config.teacher.model:
+        return None
+    return models.build_model(config.teacher.model, embedding_size=config.teacher.embedding_size,
+                              dtype=config.dtype, image_size=config.data.image_size,
+                              head=config.teacher.head or None)
+
+
+def needs_teacher(kd) -> bool:
+    return bool(kd.hinton_weight or kd.feature_weight or kd.rkd_distance_weight or kd.rkd_angle_weight
+                or kd.similarity_weight or kd.teacher_centres or kd.adaptive_margin)
+
+
+def _needs_teacher_head(kd) -> bool:
+    return bool(kd.hinton_weight or kd.teacher_centres or kd.adaptive_margin)
+
+
+# ----------------------------------------------------------------------------------------------- optimiser
+
+
+def make_schedule(config, num_train_steps: int) -> optax.Schedule:
+    """`poly`: linear warmup then polynomial decay (arcface_torch); `step`: x decay_factor at fractions of the run."""
+    o = config.optimizer
+    warmup = int(o.warmup_steps)
+    if o.schedule == "poly":
+        decay = optax.polynomial_schedule(o.lr, o.lr * o.end_lr_factor, o.power, max(num_train_steps - warmup, 1))
+    elif o.schedule == "step":
+        boundaries = {max(int(round(f * num_train_steps)) - warmup, 1): o.decay_factor for f in o.step_fractions}
+        decay = optax.piecewise_constant_schedule(o.lr, boundaries)
+    elif o.schedule == "constant":
+        decay = optax.constant_schedule(o.lr)
+    else:
+        raise ValueError(f"optimizer.schedule={o.schedule!r}: expected 'poly', 'step' or 'constant'")
+    if warmup <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), decay], [warmup])
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+    """True exactly on conv/dense kernels (and the class centres): BN scale/bias, biases, PReLU are not decayed."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: str(getattr(path[-1], "key", path[-1])) == "kernel" and x.ndim >= 2, params)
+
+
+def make_optimizer(config, num_train_steps: int) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    """SGD momentum with torch-style weight decay; grad-norm clipping on the backbone; head LR multiplier."""
+    o = config.optimizer
+    schedule = make_schedule(config, num_train_steps)
+
+    def group(clip: float, lr_multiplier: float) -> optax.GradientTransformation:
+        parts = [optax.clip_by_global_norm(clip)] if clip and clip > 0 else []
+        parts += [optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask),
+                  optax.sgd(lambda step: schedule(step) * lr_multiplier, momentum=o.momentum or None,
+                            nesterov=o.nesterov)]
+        return optax.chain(*parts)
+
+    tx = optax.multi_transform(
+        {"backbone": group(o.grad_clip, 1.0), "head": group(0.0, o.head_lr_multiplier)},
+        lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------------------------- init
+
+
+def init_variables(model: nn.Module, num_classes: Optional[int], image_size: int, rng,
+                   embedding_size: int) -> Dict[str, PyTree]:
+    """{"params": {"backbone", "head"}, "batch_stats"} for a model and (when num_classes) its margin head."""
+    k_model, k_drop, k_head = jax.random.split(rng, 3)
+    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    variables = model.init({"params": k_model, "dropout": k_drop}, dummy, train=False)
+    params = {"backbone": variables["params"]}
+    if num_classes:
+        head = losses.MarginHead(num_classes=num_classes)
+        emb = jnp.zeros((2, embedding_size), jnp.float32)
+        params["head"] = head.init(k_head, emb)["params"]
+    return {"params": params, "batch_stats": variables.get("batch_stats", {})}
+
+
+def _state_init_fn(config, model: nn.Module, tx, num_classes: int) -> Callable[[jax.Array], TrainState]:
+    def init(rng):
+        k_init, k_state = jax.random.split(rng)
+        variables = init_variables(model, num_classes, config.data.image_size, k_init, config.embedding_size)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                          batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                          rng=k_state, nonfinite_steps=jnp.zeros((), jnp.int32))
+    return init
+
+
+def abstract_state(config, model: nn.Module, tx, num_classes: int, mesh) -> TrainState:
+    """ShapeDtypeStructs carrying the target shardings: what a checkpoint is restored into."""
+    shapes = jax.eval_shape(_state_init_fn(config, model, tx, num_classes), jax.random.PRNGKey(config.seed))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, tree_shardings(shapes, mesh))
+
+
+def create_train_state(config, model: nn.Module, tx, num_classes: int, mesh) -> TrainState:
+    """Initialises the state directly in its shardings (no host copy of the full parameters)."""
+    init = _state_init_fn(config, model, tx, num_classes)
+    abstract = abstract_state(config, model, tx, num_classes, mesh)
+    rng = jax.random.PRNGKey(config.seed)
+    lowered = jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract)).lower(rng)
+    # Init runs once: on CPU, XLA's optimisation passes cost 3x the compile time of the RNG-heavy init for nothing.
+    options = ({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+               if jax.default_backend() == "cpu" else {})
+    return lowered.compile(compiler_options=options)(rng)
+
+
+# ----------------------------------------------------------------------------------------------- step
+
+
+def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx, schedule, mesh,
+                    num_classes: int, state_sharding: PyTree) -> Callable:
+    """Returns the jitted `train_step(state, batch, teacher_variables) -> (state, metrics)`.
+
+    teacher_variables: {"params": {"backbone", "head"}, "batch_stats"} of the frozen teacher (or {} without
+    KD). It is an argument, never donated and never differentiated, so the teacher cannot change.
+    """
+    kd = config.kd
+    head = losses.MarginHead(num_classes=num_classes)
+    margin = tuple(float(m) for m in config.margin_list)
+    if config.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'stop' or 'skip'")
+    debug_nan_step = int(config.get("debug_nan_step", -1))
+
+    def loss_fn(params, state: TrainState, batch, teacher_variables, dropout_rng):
+        images, labels = batch["image"], batch["label"]
+        emb, new_model_state = student.apply(
+            {"params": params["backbone"], "batch_stats": state.batch_stats}, images, train=True,
+            mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        t_emb = t_cos = None
+        if teacher is not None and teacher_variables:
+            t_vars = jax.lax.stop_gradient(teacher_variables)
+            t_emb = teacher.apply({"params": t_vars["params"]["backbone"], "batch_stats": t_vars["batch_stats"]},
+                                  images, train=False)
+            if _needs_teacher_head(kd):
+                t_cos = head.apply({"params": t_vars["params"]["head"]}, t_emb)
+        centres = (jax.lax.stop_gradient(teacher_variables["params"]["head"]) if kd.teacher_centres
+                   else params["head"])
+        s_cos = head.apply({"params": centres}, emb)
+        total, terms = losses.compute_loss(
+            kd, labels=labels, student_embeddings=emb, student_cosine=s_cos, teacher_embeddings=t_emb,
+            teacher_cosine=t_cos, scale=config.scale, margin_list=margin)
+        if debug_nan_step >= 0:  # test hook: poison one step's loss
+            total = total * jnp.where(state.step == debug_nan_step, jnp.nan, 1.0)
+            terms = dict(terms, total=total)
+        return total, (terms, new_model_state["batch_stats"])
+
+    def train_step(state: TrainState, batch, teacher_variables):
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        grads, (terms, new_bs) = jax.grad(loss_fn, has_aux=True)(
+            state.params, state, batch, teacher_variables, dropout_rng)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads["backbone"])
+        finite = jnp.isfinite(terms["total"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1, params=keep(new_params, state.params), batch_stats=keep(new_bs, state.batch_stats),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+        metrics = dict(terms, grad_norm=grad_norm, lr=schedule(state.step), finite=finite,
+                       nonfinite_steps=new_state.nonfinite_steps)
+        return new_state, metrics
+
+    # The batch arrives sharded on `data` and the state keeps its shardings, so XLA adds the gradient
+    # all-reduce over `data` itself (no pmean by hand); metrics come back replicated.
+    return jax.jit(train_step, donate_argnums=(0,),
+                   out_shardings=(state_sharding, NamedSharding(mesh, P())))
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+
+
+def load_teacher(config, teacher: nn.Module, num_classes: int, mesh) -> Dict[str, PyTree]:
+    """Restores the teacher's params (backbone + head) and batch stats from `teacher.workdir` (replicated)."""
+    workdir = config.teacher.workdir
+    if not workdir:
+        raise ValueError("this config distils (config.kd has KD terms) but config.teacher.workdir is empty: "
+                         "train a teacher first (configs/teacher_resnet18.py) and pass "
+                         "--config.teacher.workdir=THAT_WORKDIR")
+    shapes = jax.eval_shape(functools.partial(init_variables, teacher, num_classes, config.data.image_size,
+                                              embedding_size=config.teacher.embedding_size),
+                            jax.random.PRNGKey(0))
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    try:
+        variables, meta = ckpt_lib.restore_variables(workdir, abstract, which=config.teacher.checkpoint)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.teacher.workdir: {e}") from e
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot restore teacher {config.teacher.model!r} with {num_classes} classes from {workdir}: {e}. "
+            "Check that config.teacher.model/embedding_size and the training data match the teacher run.") from e
+    log.info("teacher %s restored from %s (step %s)", config.teacher.model, workdir, meta.get("step"))
+    return variables
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint of the current step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def init_distributed(d) -> None:
+    """jax.distributed.initialize() from config.distributed (before anything touches the devices)."""
+    if not d.enabled or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if d.coordinator_address:
+        kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                      process_id=d.process_id)
+    jax.distributed.initialize(**kwargs)
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
+def resolve_spec(spec: str, config) -> str:
+    """Data specs may say `{root}` for config.data.root."""
+    return spec.format(root=os.path.expanduser(config.data.root)) if "{root}" in spec else spec
+
+
+def _check_train_spec(spec: str, key: str) -> None:
+    kind, _, rest = spec.partition(":")
+    if kind in ("recordio", "folder", "lfw") and rest:
+        path = rest.split("@")[0]
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{key}={spec!r}: {path} does not exist. For the thesis setup download insightface's "
+                "faces_webface_112x112 (CASIA-WebFace: train.rec, train.idx, property, lfw.bin, agedb_30.bin, "
+                "cfp_fp.bin) and pass --config.data.root=THAT_DIR, or run a smoke test with "
+                "--config=configs/NAME.py:smoke (synthetic data).")
+
+
+def load_val_targets(config) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    targets = {}
+    for spec in config.data.val_targets:
+        spec = resolve_spec(spec, config)
+        name = data_lib.verification_name(spec)
+        targets[name] = data_lib.load_verification(spec, image_size=config.data.image_size)
+        log.info("verification set %s: %d pairs from %s", name, len(targets[name][1]), spec)
+    return targets
+
+
+def _eval_apply(model):
+    return lambda variables, images: model.apply(variables, images, train=False)
+
+
+def _format_metrics(metrics: Mapping[str, float]) -> str:
+    order = ["total", "ce", "hinton", "feature", "rkd_distance", "rkd_angle", "similarity"]
+    parts = [f"{k} {metrics[k]:.4f}" for k in order if k in metrics]
+    return " ".join(parts)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Trains the configured student (with KD when configured); returns the final metrics and eval results."""
+    from clu import metric_writers  # imported here: tensorboard is slow to import
+
+    os.makedirs(workdir, exist_ok=True)
+    init_distributed(config.distributed)
+    mesh = make_mesh(config.mesh.model_parallelism)
+    process_count, process_index = jax.process_count(), jax.process_index()
+    if config.batch_size % (mesh.shape["data"] * 1) or config.batch_size % process_count:
+        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the data-parallel "
+                         f"device count {mesh.shape['data']} and the process count {process_count}")
+
+    train_spec = resolve_spec(config.data.train, config)
+    _check_train_spec(train_spec, "config.data.train")
+    ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                 best_metric=config.best_metric or None, async_save=config.async_checkpoints)
+
+    # The head needs the number of classes before the state (and so the resume step) exists.
+    source = data_lib.open_source(train_spec, image_size=config.data.image_size)
+    info = {"num_classes": source.num_classes, "num_images": int(source.num_images), "synthetic": source.synthetic}
+    num_classes = int(info["num_classes"])
+    num_train_steps = int(config.num_train_steps)
+    if num_train_steps <= 0:
+        num_train_steps = int(math.ceil(config.num_epochs * info["num_images"] / config.batch_size))
+
+    student = build_student(config)
+    teacher = build_teacher(config) if needs_teacher(config.kd) else None
+    if needs_teacher(config.kd) and teacher is None:
+        raise ValueError("config.kd has KD terms but config.teacher.model is empty")
+    tx, schedule = make_optimizer(config, num_train_steps)
+
+    abstract = abstract_state(config, student, tx, num_classes, mesh)
+    restored, meta = ckpt.restore_latest(abstract.as_dict())
+    if restored is not None:
+        state = TrainState(**restored)
+        log.info("resumed from step %d of %s", int(state.step), workdir)
+    else:
+        state = create_train_state(config, student, tx, num_classes, mesh)
+    start_step = int(state.step)
+
+    teacher_variables = load_teacher(config, teacher, num_classes, mesh) if teacher is not None else {}
+    train_step = make_train_step(config, student, teacher, tx, schedule, mesh, num_classes,
+                                 jax.tree.map(lambda a: a.sharding, abstract))
+    val_targets = load_val_targets(config) if config.data.val_targets else {}
+
+    if process_index == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    writer = metric_writers.create_default_writer(workdir, just_logging=process_index > 0)
+
+    batches, _ = data_lib.make_train_dataset(train_spec, batch_size=config.batch_size // process_count,
+                                             image_size=config.data.image_size, seed=config.seed,
+                                             start_step=start_step, process_index=process_index,
+                                             process_count=process_count)
+    batches = iter(batches)
+
+    def meta_for(step, last_metrics):
+        return {"step": step, "data_position": step * config.batch_size, "config": config.to_dict(),
+                "metrics": last_metrics, "num_classes": num_classes, "time": time.time()}
+
+    def run_eval(step) -> Dict[str, Any]:
+        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+        results = eval_lib.evaluate_targets(_eval_apply(student), variables, val_targets, step=step,
+                                            batch_size=config.eval_batch_size, mesh=mesh, log=log.info)
+        flat = {f"{name}/{k}": float(v) for name, r in results.items() for k, v in r.items()
+                if isinstance(v, (int, float))}
+        writer.write_scalars(step, {k: v for k, v in flat.items()})
+        return results
+
+    last_metrics: Dict[str, float] = {}
+    eval_results: Dict[str, Any] = {}
+    pending = None  # metrics of the previous step, checked after the next one is dispatched (no pipeline stall)
+    t0, images_since, t_log = time.time(), 0, time.time()
+    step = start_step
+    with _Preemption() as preemption:
+        try:
+            while step < num_train_steps:
+                batch = put_batch(next(batches), mesh)
+                state, metrics = train_step(state, batch, teacher_variables)
+                step += 1
+                images_since += config.batch_size
+                if config.debug_step_sleep:
+                    time.sleep(config.debug_step_sleep)
+                if pending is not None:
+                    _check_finite(*pending, config)
+                pending = (step, metrics)
+                if step % config.log_every_steps == 0 or step == num_train_steps:
+                    _check_finite(step, metrics, config)
+                    last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    dt = time.time() - t_log
+                    ips = images_since / max(dt, 1e-9)
+                    eta = (num_train_steps - step) * config.batch_size / max(ips, 1e-9)
+                    log.info("step %d/%d %s lr %.5f grad_norm %.3f | %.1f img/s | ETA %s", step, num_train_steps,
+                             _format_metrics(last_metrics), last_metrics["lr"], last_metrics["grad_norm"], ips,
+                             time.strftime("%H:%M:%S", time.gmtime(eta)))
+                    writer.write_scalars(step, dict(last_metrics, images_per_second=ips))
+                    images_since, t_log = 0, time.time()
+                if val_targets and config.eval_every_steps > 0 and step % config.eval_every_steps == 0:
+                    eval_results = run_eval(step)
+                    ckpt.save_best(step, state.as_dict(), meta_for(step, last_metrics), _best_metrics(eval_results))
+                if step % config.checkpoint_every_steps == 0 or step == num_train_steps:
+                    _check_finite(step, metrics, config)
+                    ckpt.save(step, state.as_dict(), meta_for(step, last_metrics))
+                if preemption.requested:
+                    _check_finite(step, metrics, config)
+                    ckpt.save(step, state.as_dict(), meta_for(step, last_metrics), force=True)
+                    ckpt.wait()
+                    log.warning("preempted: checkpoint of step %d saved in %s", step, ckpt.directory)
+                    return {"step": step, "preempted": True, "metrics": last_metrics}
+            if pending is not None:
+                _check_finite(*pending, config)
+            if val_targets and (not eval_results or config.eval_every_steps <= 0
+                                or step % config.eval_every_steps != 0):
+                eval_results = run_eval(step)
+                ckpt.save_best(step, state.as_dict(), meta_for(step, last_metrics), _best_metrics(eval_results))
+            if val_targets and process_index == 0:
+                eval_lib.write_results(os.path.join(workdir, "eval"), eval_results, step=step)
+        finally:
+            ckpt.close()
+            writer.flush()
+    return {"step": step, "metrics": last_metrics, "eval": eval_results, "num_classes": num_classes,
+            "train_seconds": time.time() - t0, "nonfinite_steps": int(state.nonfinite_steps)}
+
+
+def _best_metrics(results: Mapping[str, Any]) -> Dict[str, float]:
+    return {f"{name}/{k}": float(v) for name, r in results.items() for k, v in r.items()
+            if isinstance(v, (int, float))}
+
+
+def _check_finite(step: int, metrics, config) -> None:
+    """Stops the run on a NaN/Inf loss or gradient, naming the step and the terms (unless nonfinite='skip')."""
+    if bool(metrics["finite"]) or config.nonfinite == "skip":
+        return
+    values = jax.device_get(metrics)
+    bad = sorted(k for k, v in values.items() if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.floating)
+                 and not np.isfinite(v))
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step} (non-finite: {', '.join(bad) or 'gradient'}); the update was not "
+        "applied and no checkpoint was written after it, so the newest checkpoint is the last good state. "
+        "Lower optimizer.lr, check the data, or set --config.nonfinite=skip to skip such steps.")
+
+
+# ----------------------------------------------------------------------------------------------- eval mode
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: str = "latest") -> Dict[str, Any]:
+    """Evaluates a run's latest (or best) checkpoint on config.data.val_targets; writes WORKDIR/eval/."""
+    mesh = make_mesh(1)
+    student = build_student(config)
+    shapes = jax.eval_shape(functools.partial(init_variables, student, None, config.data.image_size,
+                                              embedding_size=config.embedding_size),
+                            jax.random.PRNGKey(0))
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    variables, meta = ckpt_lib.restore_variables(workdir, abstract, which=which)
+    step = int(meta.get("step", 0))
+    targets = load_val_targets(config)
+    if not targets:
+        raise ValueError("config.data.val_targets is empty: nothing to evaluate")
+    results = eval_lib.evaluate_targets(
+        _eval_apply(student), {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]},
+        targets, step=step, batch_size=config.eval_batch_size, mesh=mesh, log=print)
+    if jax.process_index() == 0:
+        eval_lib.write_results(os.path.join(workdir, "eval"), results, step=step)
+    return {"step": step, "results": results}

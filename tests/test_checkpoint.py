@@ -1,0 +1,163 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM saves, restore across device counts, damaged
+checkpoints passed over (and kept), NaN losses stop with the last good checkpoint kept."""
+import os
+import pathlib
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from runs import REPO, load_params, main_command, run_main, subprocess_env, tiny_config
+from facekd_jax import checkpoint as ckpt_lib
+from facekd_jax import train
+
+
+def _finished_steps(workdir) -> list:
+    d = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _wait_for(predicate, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return False
+
+
+LONG = {"num_train_steps": 12, "checkpoint_every_steps": 3, "debug_step_sleep": 0.4}
+
+
+def _assert_same_params(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical_to_uninterrupted(tmp_path):
+    run_main("configs/baseline_resnet56.py:smoke", tmp_path / "straight", dict(LONG, debug_step_sleep=0.0))
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(main_command("configs/baseline_resnet56.py:smoke", workdir, LONG), cwd=REPO,
+                            env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: 6 in _finished_steps(workdir), proc), "no checkpoint at step 6 appeared"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert max(_finished_steps(workdir)) < 12, "the run finished before it was killed"
+    out = run_main("configs/baseline_resnet56.py:smoke", workdir, dict(LONG, debug_step_sleep=0.0))
+    assert "resumed from step" in out.stderr
+    step_a, a = load_params(tmp_path / "straight")
+    step_b, b = load_params(workdir)
+    assert step_a == step_b == 12
+    _assert_same_params(a["params"], b["params"])
+    _assert_same_params(a["batch_stats"], b["batch_stats"])
+    _assert_same_params(a["opt_state"], b["opt_state"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(main_command("configs/baseline_resnet56.py:smoke", workdir,
+                                         dict(LONG, checkpoint_every_steps=100)),
+                            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        # Steps are logged every 2 steps; wait until training is under way, then preempt.
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "step 4/12" in line:
+                break
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log[-3000:]
+    assert elapsed < 30
+    steps = _finished_steps(workdir)
+    assert steps and 4 <= steps[-1] < 12 and steps[-1] % 100 != 0, (steps, log[-2000:])
+    assert "preempted" in log
+
+
+def _state_on(mesh, config, num_classes=8):
+    student = train.build_student(config)
+    tx, _ = train.make_optimizer(config, 10)
+    return train.create_train_state(config, student, tx, num_classes, mesh), \
+        train.abstract_state(config, student, tx, num_classes, mesh)
+
+
+@pytest.mark.parametrize("save_devices,restore_devices", [(8, 1), (1, 8)])
+def test_restore_across_device_counts(tmp_path, save_devices, restore_devices):
+    config = tiny_config("baseline_resnet56")
+    mesh_save = train.make_mesh(2 if save_devices == 8 else 1, devices=jax.devices()[:save_devices])
+    mesh_restore = train.make_mesh(2 if restore_devices == 8 else 1, devices=jax.devices()[:restore_devices])
+    state, _ = _state_on(mesh_save, config)
+    ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=True)
+    ck.save(3, state.as_dict(), {"step": 3})
+    ck.close()
+    _, abstract = _state_on(mesh_restore, config)
+    ck = ckpt_lib.Checkpointer(str(tmp_path))
+    restored, meta = ck.restore_latest(abstract.as_dict())
+    ck.close()
+    assert meta["step"] == 3
+    head = restored["params"]["head"]["kernel"]
+    assert len(head.sharding.device_set) == restore_devices
+    _assert_same_params(jax.tree.map(np.asarray, state.as_dict()), jax.tree.map(np.asarray, restored))
+
+
+def test_damaged_newest_checkpoint_is_reported_and_passed_over(tmp_path, caplog):
+    config = tiny_config("baseline_resnet56")
+    mesh = train.make_mesh(1, devices=jax.devices()[:1])
+    state, abstract = _state_on(mesh, config)
+    ck = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=5, async_save=False)
+    ck.save(2, state.as_dict(), {"step": 2})
+    later = state.replace(step=state.step + 2, params=jax.tree.map(lambda x: x + 1.0, state.params))
+    ck.save(4, later.as_dict(), {"step": 4})
+    ck.close()
+    # Truncate every array data file of the newest checkpoint.
+    damaged = [p for p in (tmp_path / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.stat().st_size > 200]
+    assert damaged
+    for p in damaged:
+        with open(p, "r+b") as f:
+            f.truncate(p.stat().st_size // 3)
+    ck = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=5)
+    with caplog.at_level("ERROR"):
+        restored, meta = ck.restore_latest(abstract.as_dict())
+    ck.close()
+    assert meta["step"] == 2
+    _assert_same_params(jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, restored["params"]))
+    assert "step 4" in caplog.text
+    moved = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("corrupt-4")]
+    assert moved, "the damaged checkpoint must be kept aside, not deleted"
+    assert (tmp_path / "checkpoints" / "2").exists()
+
+
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config("baseline_resnet56", num_train_steps=8, checkpoint_every_steps=2, debug_nan_step=4,
+                         **{"data.val_targets": ()})
+    with pytest.raises(train.NonFiniteLossError, match=r"step 5.*total"):
+        train.train_and_evaluate(config, str(tmp_path / "stop"))
+    assert _finished_steps(tmp_path / "stop") == [2, 4]
+    step, state = load_params(tmp_path / "stop")
+    assert step == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+    # The config switch: skip such steps (their update is not applied) and count them.
+    config.nonfinite = "skip"
+    out = train.train_and_evaluate(config, str(tmp_path / "skip"))
+    assert out["step"] == 8 and out["nonfinite_steps"] == 1
+    _, state = load_params(tmp_path / "skip")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))

@@ -1,0 +1,206 @@
+"""The train step, optimiser, sharding and the main entry point."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from runs import REPO, load_params, run_main, subprocess_env, tiny_config
+from facekd_jax import data as data_lib
+from facekd_jax import train
+
+
+def _setup(config, mesh, num_classes=8, teacher_seed=1):
+    student = train.build_student(config)
+    teacher = train.build_teacher(config) if train.needs_teacher(config.kd) else None
+    tx, schedule = train.make_optimizer(config, config.num_train_steps)
+    state = train.create_train_state(config, student, tx, num_classes, mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, train.abstract_state(config, student, tx, num_classes, mesh))
+    step = train.make_train_step(config, student, teacher, tx, schedule, mesh, num_classes, shardings)
+    tvars = {}
+    if teacher is not None:
+        tvars = train.init_variables(teacher, num_classes, config.data.image_size, jax.random.PRNGKey(teacher_seed),
+                                     config.teacher.embedding_size)
+    return state, step, tvars
+
+
+def _batches(config, n, num_classes=8):
+    rng = np.random.default_rng(0)
+    s = config.data.image_size
+    return [{"image": rng.uniform(-1, 1, (config.batch_size, s, s, 3)).astype(np.float32),
+             "label": rng.integers(0, num_classes, config.batch_size).astype(np.int32)} for _ in range(n)]
+
+
+def test_sharded_step_equals_single_device_step_and_teacher_is_untouched():
+    """3 KD steps on 1 device, on 8 (data) and on 4x2 (data x model: class-sharded head) agree."""
+    config = tiny_config("feature_kd", **{"kd.hinton_weight": 0.5, "teacher.model": "resnet8"})
+    batches = _batches(config, 3)
+    results = {}
+    # 4x2 covers both the data-parallel gradient all-reduce and the class-sharded head in one compile.
+    for name, mesh in [("one", train.make_mesh(1, devices=jax.devices()[:1])), ("data4_model2", train.make_mesh(2))]:
+        state, step, tvars = _setup(config, mesh)
+        tvars = jax.device_put(tvars, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        before = jax.tree.map(lambda x: np.array(x, copy=True), tvars)
+        for b in batches:
+            state, metrics = step(state, train.put_batch(b, mesh), tvars)
+        assert bool(metrics["finite"]) and "hinton" in metrics and "feature" in metrics
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tvars, before)
+        results[name] = jax.tree.map(np.asarray, state.params)
+        if name == "data4_model2":
+            assert state.params["head"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+            assert len(state.params["head"]["kernel"].addressable_shards[0].data.shape) == 2
+            assert state.params["head"]["kernel"].addressable_shards[0].data.shape[1] == 4  # 8 classes / 2
+    # Parameters really moved (otherwise agreement would prove nothing).
+    init_state, _, _ = _setup(config, train.make_mesh(1, devices=jax.devices()[:1]))
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - np.asarray(b)).max()), results["one"], init_state.params)
+    assert max(jax.tree.leaves(moved)) > 1e-4
+    for name in ("data4_model2",):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), results["one"], results[name])
+
+
+def test_loss_falls_on_synthetic_data():
+    config = tiny_config("baseline_resnet56", **{"optimizer.lr": 0.1, "batch_size": 32})
+    mesh = train.make_mesh(1)
+    batches, info = data_lib.make_train_dataset("synthetic:8:16", batch_size=32, image_size=16, seed=0)
+    state, step, _ = _setup(config, mesh, num_classes=info["num_classes"])
+    losses = []
+    it = iter(batches)
+    for _ in range(40):
+        state, metrics = step(state, train.put_batch(next(it), mesh), {})
+        losses.append(float(metrics["ce"]))
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
+
+
+def test_weight_decay_mask_covers_exactly_conv_and_dense_kernels():
+    config = tiny_config("baseline_resnet56", model="resnet56")
+    student = train.build_student(config)
+    shapes = jax.eval_shape(lambda k: train.init_variables(student, 10, 16, k, 32), jax.random.PRNGKey(0))
+    mask = train.weight_decay_mask(shapes["params"])
+    flat_mask = dict(jax.tree_util.tree_leaves_with_path(mask))
+    n_kernels = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"]):
+        name = path[-1].key
+        decayed = flat_mask[path]
+        if name == "kernel":
+            n_kernels += 1
+            assert decayed and leaf.ndim in (2, 4), path
+        else:
+            assert not decayed, path  # BN scale/bias, dense biases
+    assert n_kernels == 55 + 2 + 1 + 1  # 55 convs, 2 projection shortcuts (option B), embedding FC, class centres
+    # The decoupled transformation: decayed leaves shrink, others do not, with zero gradients.
+    tx, _ = train.make_optimizer(config, 10)
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes["params"])
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    for path, u in jax.tree_util.tree_leaves_with_path(updates):
+        assert (float(jnp.abs(u).max()) > 0) == flat_mask[path], path
+
+
+def test_schedules_and_head_learning_rate():
+    config = tiny_config("baseline_resnet56", num_train_steps=100)
+    config.optimizer.schedule = "step"
+    config.optimizer.step_fractions = (0.5, 0.8)
+    config.optimizer.warmup_steps = 10
+    config.optimizer.lr = 0.1
+    sched = train.make_schedule(config, 100)
+    assert float(sched(0)) == 0.0 and abs(float(sched(5)) - 0.05) < 1e-7
+    assert abs(float(sched(49)) - 0.1) < 1e-7 and abs(float(sched(51)) - 0.01) < 1e-7
+    assert abs(float(sched(90)) - 0.001) < 1e-7
+    config.optimizer.schedule = "poly"
+    sched = train.make_schedule(config, 100)
+    assert abs(float(sched(10)) - 0.1) < 1e-7 and abs(float(sched(55)) - 0.05) < 1e-6 and float(sched(100)) < 1e-7
+    # Clipping acts on the backbone only; the head has its own LR multiplier.
+    config.optimizer.schedule = "constant"
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.momentum = 0.0
+    config.optimizer.head_lr_multiplier = 10.0
+    config.optimizer.grad_clip = 1.0
+    config.optimizer.warmup_steps = 0
+    tx, _ = train.make_optimizer(config, 100)
+    params = {"backbone": {"w": {"kernel": jnp.zeros((4, 4))}}, "head": {"kernel": jnp.zeros((4, 3))}}
+    grads = {"backbone": {"w": {"kernel": jnp.full((4, 4), 10.0)}}, "head": {"kernel": jnp.full((4, 3), 10.0)}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert abs(float(optax_norm(updates["backbone"])) - 0.1) < 1e-5       # clipped to norm 1, times lr 0.1
+    np.testing.assert_allclose(updates["head"]["kernel"], -10.0 * 0.1 * 10.0)  # not clipped, 10x lr
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.slow
+def test_main_trains_teacher_then_distils_then_evaluates(tmp_path):
+    """As a new user: smoke teacher, a feature-KD student on 8 fake devices reading it, then eval mode."""
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    run_main("configs/teacher_resnet18.py:smoke", teacher_dir, {"model": "resnet10"})
+    proc = run_main("configs/feature_kd.py:smoke", student_dir, {"teacher.workdir": str(teacher_dir)}, devices=8)
+    log = proc.stdout + proc.stderr
+    assert "SYNTHETIC" in log and "feature" in log and "[synthetic][6]Accuracy-Flip:" in log
+    assert (student_dir / "config.json").exists()
+    assert list((student_dir).glob("events.out.tfevents*")), "no TensorBoard events written"
+    results = json.loads((student_dir / "eval" / "results.json").read_text())
+    assert results["step"] == 6 and 0.0 <= results["synthetic"]["accuracy"] <= 1.0
+    step, state = load_params(student_dir)
+    assert step == 6 and set(state["params"]) == {"backbone", "head"}
+    proc = run_main("configs/feature_kd.py:smoke", student_dir, {"teacher.workdir": str(teacher_dir)}, mode="eval")
+    assert "[synthetic][6]Accuracy-Flip:" in proc.stdout + proc.stderr
+    assert (student_dir / "eval" / "roc.png").stat().st_size > 1000
+
+
+def test_unknown_config_key_and_missing_teacher_are_clear_errors(tmp_path):
+    cmd = [sys.executable, "-m", "facekd_jax.main", f"--config={REPO}/configs/feature_kd.py:smoke",
+           f"--workdir={tmp_path}", "--config.kd.feture_weight=3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "feture_weight" in proc.stderr and "feature_weight" in proc.stderr
+    proc = run_main("configs/feature_kd.py:smoke", tmp_path / "s", {"teacher.workdir": str(tmp_path / "none")},
+                    check=False)
+    assert proc.returncode != 0 and "teacher.workdir" in proc.stderr and str(tmp_path / "none") in proc.stderr
+
+
+def test_missing_real_data_path_says_how_to_get_it(tmp_path):
+    config = tiny_config("baseline_resnet56", **{"data.train": "recordio:{root}", "data.root": str(tmp_path / "no")})
+    with pytest.raises(FileNotFoundError, match="faces_webface_112x112"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+MULTIHOST = r"""
+import os, sys
+pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+from runs import tiny_config
+from facekd_jax import train
+c = tiny_config("baseline_resnet56", num_train_steps=4, checkpoint_every_steps=4, **{{"data.val_targets": ()}})
+if pid >= 0:
+    c.distributed.enabled = True
+    c.distributed.coordinator_address = "localhost:" + port
+    c.distributed.num_processes = 2
+    c.distributed.process_id = pid
+train.train_and_evaluate(c, workdir)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """2 processes x 4 CPU devices reach the parameters of 1 process x 8 devices (same global batches)."""
+    import socket
+
+    script = tmp_path / "mh.py"
+    script.write_text(MULTIHOST.format(repo=str(REPO), tests=str(REPO / "tests")))
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(tmp_path / "two")], cwd=REPO,
+                              env=subprocess_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    single = subprocess.run([sys.executable, str(script), "-1", port, str(tmp_path / "one")], cwd=REPO,
+                            env=subprocess_env(8), capture_output=True, text=True, timeout=300)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert single.returncode == 0, single.stderr[-3000:]
+    step_two, two = load_params(tmp_path / "two")
+    step_one, one = load_params(tmp_path / "one")
+    assert step_two == step_one == 4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one["params"], two["params"])
