@@ -96,23 +96,33 @@ def decode_image_np(data: bytes, *, image_size: int, crop: Crop = None, name: st
     return _crop_resize_np(_pil_decode(data, name), image_size, crop)
 
 
+def _crop_box(h: tf.Tensor, w: tf.Tensor, crop: Tuple[int, int, int, int]):
+    """(left, top, right, bottom) clipped to an h x w image -> (top, left, height, width), each >= 1 pixel."""
+    left = tf.clip_by_value(crop[0], 0, w - 1)
+    top = tf.clip_by_value(crop[1], 0, h - 1)
+    right = tf.clip_by_value(crop[2], left + 1, w)
+    bottom = tf.clip_by_value(crop[3], top + 1, h)
+    return top, left, bottom - top, right - left
+
+
 def _crop_resize_tf(img: tf.Tensor, image_size: int, crop: Crop) -> tf.Tensor:
-    """uint8 [H, W, 3] -> uint8 [S, S, 3]: crop box (clipped to the image), then antialiased bilinear resize."""
+    """uint8 [H, W, 3] -> uint8 [S, S, 3]: crop box (clipped to the image), then bilinear resize (antialiased
+    when shrinking by more than 2x)."""
     if crop is not None:
-        h, w = tf.shape(img)[0], tf.shape(img)[1]
-        left = tf.clip_by_value(crop[0], 0, w - 1)
-        top = tf.clip_by_value(crop[1], 0, h - 1)
-        right = tf.clip_by_value(crop[2], left + 1, w)
-        bottom = tf.clip_by_value(crop[3], top + 1, h)
-        img = img[top:bottom, left:right]
+        top, left, height, width = _crop_box(tf.shape(img)[0], tf.shape(img)[1], crop)
+        img = img[top:top + height, left:left + width]
     shape = tf.shape(img)
     same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
 
-    def resize():
-        out = tf.image.resize(img, (image_size, image_size), method="bilinear", antialias=True)
+    def resize(antialias):
+        out = tf.image.resize(img, (image_size, image_size), method="bilinear", antialias=antialias)
         return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
-    out = tf.cond(same, lambda: img, resize)
+    # Antialiasing only where it matters: shrinking by more than 2x. Up to 2x, plain bilinear already
+    # averages every input pixel (LFW's 126 px crop -> 112: 0.35 grey levels apart on average) and is
+    # ~5x cheaper than TF's antialiased kernel, which would otherwise cost more than the JPEG decode.
+    big = tf.greater(tf.maximum(shape[0], shape[1]), 2 * image_size)
+    out = tf.cond(same, lambda: img, lambda: tf.cond(big, lambda: resize(True), lambda: resize(False)))
     return tf.ensure_shape(out, (image_size, image_size, 3))
 
 
@@ -123,14 +133,17 @@ def _looks_complete(encoded: tf.Tensor) -> tf.Tensor:
     half-image silently, so such files go to Pillow, which names and skips them.
     """
     head2 = tf.strings.substr(encoded, 0, 2)
-    n = tf.strings.length(encoded)
-    tail = tf.strings.substr(encoded, tf.maximum(n - 2, 0), 2)
-    is_jpeg = tf.equal(head2, b"\xff\xd8")
-    jpeg_ok = tf.logical_and(is_jpeg, tf.equal(tail, b"\xff\xd9"))
     png = tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n")
     bmp = tf.equal(head2, b"BM")
     gif = tf.equal(tf.strings.substr(encoded, 0, 4), b"GIF8")
-    return tf.logical_or(jpeg_ok, tf.logical_or(png, tf.logical_or(bmp, gif)))
+    return tf.logical_or(_complete_jpeg(encoded), tf.logical_or(png, tf.logical_or(bmp, gif)))
+
+
+def _complete_jpeg(encoded: tf.Tensor) -> tf.Tensor:
+    """True for JPEG bytes that start with FFD8 and end with the FFD9 end marker."""
+    n = tf.strings.length(encoded)
+    tail = tf.strings.substr(encoded, tf.maximum(n - 2, 0), 2)
+    return tf.logical_and(tf.equal(tf.strings.substr(encoded, 0, 2), b"\xff\xd8"), tf.equal(tail, b"\xff\xd9"))
 
 
 def _pil_decode_or_flag(data: bytes, name: bytes):
@@ -164,9 +177,30 @@ def decode_image_tf(encoded: tf.Tensor, *, image_size: int, crop: Crop = None,
         img, ok = tf.numpy_function(_pil_decode_or_flag, [encoded, name], (tf.uint8, tf.bool), stateful=False)
         return tf.reshape(img, (-1, tf.shape(img)[1], 3)), tf.reshape(ok, ())
 
-    img, ok = tf.cond(_looks_complete(encoded), fast, slow)
+    def decode():
+        img, ok = tf.cond(_looks_complete(encoded), fast, slow)
+        img.set_shape((None, None, 3))
+        return img, ok
+
+    if crop is None:
+        img, ok = decode()
+        return _crop_resize_tf(img, image_size, None), ok
+
+    def jpeg_box():
+        # Decode only the JPEG blocks under the crop box: ~25% less decoding on LFW. Pixels equal those of
+        # decode-then-crop except in the box's outer 1-2 px (chroma upsampling at the edge; 0.2% of pixels).
+        shape = tf.io.extract_jpeg_shape(encoded)
+        box = tf.stack(_crop_box(shape[0], shape[1], crop))
+        return tf.io.decode_and_crop_jpeg(encoded, box, channels=3), tf.constant(True)
+
+    def decode_then_crop():
+        img, ok = decode()
+        top, left, height, width = _crop_box(tf.shape(img)[0], tf.shape(img)[1], crop)
+        return img[top:top + height, left:left + width], ok
+
+    img, ok = tf.cond(_complete_jpeg(encoded), jpeg_box, decode_then_crop)
     img.set_shape((None, None, 3))
-    return _crop_resize_tf(img, image_size, crop), ok
+    return _crop_resize_tf(img, image_size, None), ok
 
 
 def decode_many(encoded: Sequence[bytes], *, image_size: int, crop: Crop = None,

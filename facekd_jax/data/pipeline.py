@@ -1,0 +1,265 @@
+"""The training input pipeline: spec -> an infinite, deterministic, resumable iterator of normalised batches.
+
+Order (indexed sources: synthetic, folder, lfw, recordio). The stream of example positions 0, 1, 2, ... is
+cut into global batches of G = batch_size * process_count; process p takes positions
+[t*G + p*B, t*G + (p+1)*B) of global step t, so the processes' shares are disjoint and together make the
+global batch. Position q is example `perm_e(q mod N)` of epoch e = q // N, where perm_e is a stateless
+pseudo-random permutation of the N examples keyed on (seed, e) (tf.random.experimental.index_shuffle; no
+table in memory, no Python in the loop). Everything about an example, its index and its horizontal flip, is
+a function of (seed, position) alone, so `start_step=k` starts the position counter at k*G and yields
+exactly the batches k, k+1, ... of an uninterrupted run, without reading or decoding the skipped ones.
+
+Corrupt images (indexed sources). A file that cannot be decoded is logged by name, counted
+(images.CORRUPT, see `corrupt_skipped()`), and replaced by the next example in index order that decodes
+(index+1, index+2, ... mod N, at most MAX_REPLACEMENTS tries), with that example's label. The replacement
+depends only on the index, so batches keep their size and exact resume still holds. (Only when
+MAX_REPLACEMENTS consecutive images are all corrupt is the example dropped, which shifts later batches.)
+
+Streaming sources (tfrecord, tfds) are read in a seeded order: files shuffled per epoch, a seeded shuffle
+buffer, per-process file shards (tfds.split_for_jax_process for TFDS). `start_step=k` skips k*B records of
+that deterministic order before any decoding. A corrupt record there is dropped, so after one the positions
+of later batches shift by one image; resume is exact as long as no corrupt record lies among the skipped.
+
+tf.data options follow big_vision: a private thread pool, one thread per op, no injected prefetch (it
+eats RAM); deterministic parallel maps; prefetch(2). TensorFlow is hidden from the GPUs here, so it never
+takes accelerator memory from JAX.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import weakref
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+# TensorFlow only feeds the host; the accelerators belong to JAX.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices (someone used it first): nothing left to do
+    pass
+
+from facekd_jax.data import images as images_lib  # noqa: E402
+from facekd_jax.data import sources as sources_lib  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MAX_REPLACEMENTS = 32
+THREADPOOL_SIZE = 48
+PREFETCH_BATCHES = 2
+DEFAULT_SHUFFLE_BUFFER = 10_000
+_FLIP_SALT = 0x5EED_F11B
+
+
+class Batches:
+    """Iterator of numpy batch dicts over a tf.data pipeline; `dataset` is the tf.data.Dataset behind it.
+
+    close() (also run for every live one at interpreter exit) drops the TensorFlow iterator. Why: a
+    pipeline whose maps call Python (tf.numpy_function: Pillow for PGM or corrupt files, RecordIO reads)
+    deadlocks if its iterator is still alive when Python shuts down, with worker threads waiting for a GIL
+    that will never be released again.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self.dataset = dataset
+        self._it = dataset.as_numpy_iterator()
+        _LIVE.add(self)
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        if self._it is None:
+            raise StopIteration
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it = None
+
+
+_LIVE: "weakref.WeakSet[Batches]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for batches in list(_LIVE):
+        batches.close()
+    import gc
+    gc.collect()
+
+
+def corrupt_skipped() -> int:
+    """How many times a corrupt image has been skipped in this process (names: images.CORRUPT.names)."""
+    return images_lib.CORRUPT.count
+
+
+def dataset_options() -> tf.data.Options:
+    """tf.data options as big_vision sets them, plus determinism."""
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = THREADPOOL_SIZE
+    options.threading.max_intra_op_parallelism = 1
+    # Stop the magic that eats all RAM on big hosts.
+    options.experimental_optimization.inject_prefetch = False
+    options.deterministic = True
+    return options
+
+
+def _process(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
+    return int(process_index), int(process_count)
+
+
+def _coin_flips(seed: int, positions: tf.Tensor) -> tf.Tensor:
+    """int64 [B] stream positions -> bool [B]: a fair coin per position, a function of (seed, position) only."""
+    lo = positions % (1 << 31)
+    seeds = tf.stack([tf.fill(tf.shape(positions), tf.constant(seed, tf.int64)), positions // (1 << 31),
+                      tf.fill(tf.shape(positions), tf.constant(_FLIP_SALT, tf.int64))], axis=1)
+    shuffled = tf.raw_ops.RandomIndexShuffle(index=lo, seed=seeds, max_index=tf.constant((1 << 31) - 1, tf.int64))
+    return tf.equal(shuffled % 2, 1)
+
+
+def _example_indices(seed: int, positions: tf.Tensor, n: int) -> tf.Tensor:
+    """int64 [B] positions -> int64 [B] example indices: perm_epoch(position mod n), epoch = position // n."""
+    epoch, offset = positions // n, positions % n
+    seeds = tf.stack([tf.fill(tf.shape(positions), tf.constant(seed, tf.int64)), epoch,
+                      tf.zeros_like(epoch)], axis=1)
+    return tf.raw_ops.RandomIndexShuffle(index=offset, seed=seeds, max_index=tf.constant(n - 1, tf.int64))
+
+
+def _finish(images: tf.Tensor, labels: tf.Tensor, flips: tf.Tensor, augment: bool) -> Dict[str, tf.Tensor]:
+    """uint8 [B, S, S, 3], int32 [B], bool [B] -> {"image": float32 (x - 127.5) / 127.5, "label": int32}."""
+    if augment:
+        # Reverse only the flipped half and stitch the batch back: ~6x cheaper than a broadcast tf.where.
+        which = tf.cast(flips, tf.int32)
+        keep, flip = tf.dynamic_partition(images, which, 2)
+        slots = tf.dynamic_partition(tf.range(tf.shape(images)[0]), which, 2)
+        images = tf.dynamic_stitch(slots, [keep, tf.reverse(flip, axis=[2])])
+    images = (tf.cast(images, tf.float32) - 127.5) / 127.5
+    return {"image": images, "label": labels}
+
+
+def _decode_with_replacement(src: sources_lib.IndexedSource, index: tf.Tensor, encoded: tf.Tensor,
+                             image_size: int, labels_t: tf.Tensor):
+    """Decode example `index`; if corrupt, try index+1, index+2, ... (mod N). -> (uint8 [S,S,3], label, ok)."""
+    n = src.num_images
+
+    def attempt(j, data):
+        return images_lib.decode_image_tf(data, image_size=image_size, crop=src.crop, name=src.name(j))
+
+    image, ok = attempt(index, encoded)
+
+    def cond(tries, j, image, ok):
+        return tf.logical_and(tf.logical_not(ok), tries < MAX_REPLACEMENTS)
+
+    def body(tries, j, image, ok):
+        j = (index + tries + 1) % n
+        image, ok = attempt(j, src.read(j))
+        return tries + 1, j, image, ok
+
+    _, j, image, ok = tf.while_loop(cond, body, (tf.constant(0, tf.int64), index, image, ok))
+    return image, tf.gather(labels_t, j), ok
+
+
+def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_size: int, seed: int,
+                     start_step: int, augment: bool, process_index: int, process_count: int) -> tf.data.Dataset:
+    n = src.num_images
+    global_batch = batch_size * process_count
+    labels_t = tf.constant(src.labels, tf.int32)
+    offsets = tf.range(batch_size, dtype=tf.int64) + process_index * batch_size
+
+    def step_positions(step):
+        positions = step * global_batch + offsets
+        return _example_indices(seed, positions, n), _coin_flips(seed, positions)
+
+    ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // max(global_batch, 1)).map(step_positions)
+    if src.render is not None:
+        ds = ds.map(lambda idx, flip: _finish(src.render(idx), tf.gather(labels_t, idx), flip, augment),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds
+
+    if src.read_batched:  # one Python call per batch; per-example decoding then runs in parallel
+        ds = ds.map(lambda idx, flip: (idx, flip, src.read(idx)))
+    else:
+        ds = ds.map(lambda idx, flip: (idx, flip, tf.fill(tf.shape(idx), "")))
+    ds = ds.unbatch()
+
+    def load(index, flip, encoded):
+        if not src.read_batched:
+            encoded = src.read(index)
+        image, label, ok = _decode_with_replacement(src, index, encoded, image_size, labels_t)
+        return image, label, flip, ok
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(lambda image, label, flip, ok: ok)  # only after MAX_REPLACEMENTS corrupt images in a row
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.map(lambda images, labels, flips, ok: _finish(images, labels, flips, augment),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _stream_dataset(src: sources_lib.StreamSource, *, batch_size: int, image_size: int, seed: int,
+                    start_step: int, augment: bool, process_index: int, process_count: int,
+                    shuffle_buffer: Optional[int]) -> tf.data.Dataset:
+    ds = src.dataset(seed, process_index, process_count, shuffle_buffer or DEFAULT_SHUFFLE_BUFFER)
+    ds = ds.skip(start_step * batch_size)  # before decoding: resuming costs reading, not decoding
+    ds = ds.enumerate(start=start_step * batch_size)
+
+    def load(position, example):
+        encoded, label, name = example
+        image, ok = images_lib.decode_image_tf(encoded, image_size=image_size, crop=src.crop, name=name)
+        return image, label, position, ok
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(lambda image, label, position, ok: ok)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.map(lambda images, labels, positions, ok: _finish(images, labels, _coin_flips(seed, positions),
+                                                                augment),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, seed: int = 0, start_step: int = 0,
+                       augment: bool = True, process_index: Optional[int] = None,
+                       process_count: Optional[int] = None,
+                       shuffle_buffer: Optional[int] = None) -> Tuple[Batches, Dict[str, Any]]:
+    """Training batches for this process.
+
+    spec: see facekd_jax.data.sources (synthetic | folder: | lfw: | recordio: | tfrecord: | tfds:).
+    batch_size: images per batch for THIS process (global batch // process_count).
+    start_step: yield what an uninterrupted iterator yields from its (start_step+1)-th batch on.
+    process_index / process_count: default jax.process_index() / jax.process_count().
+    shuffle_buffer: examples in the shuffle buffer of streaming sources (tfrecord, tfds); indexed sources
+      shuffle globally and ignore it.
+    Returns (batches, info): batches an infinite iterator (`Batches`; `.dataset` is the tf.data.Dataset) of
+    {"image": float32 [B, S, S, 3] in (x - 127.5) / 127.5, "label": int32 [B]} numpy dicts, deterministic in
+    (spec, seed, batch_size, process index and count); info a JSON-friendly dict: num_classes, num_images,
+    source (description), synthetic (bool), spec, image_size, batch_size, global_batch_size, steps_per_epoch,
+    process_index, process_count. Corrupt images skipped so far: corrupt_skipped().
+    """
+    if batch_size < 1 or image_size < 1 or start_step < 0:
+        raise ValueError(f"make_train_dataset({spec!r}): need batch_size >= 1, image_size >= 1, start_step >= 0; "
+                         f"got {batch_size}, {image_size}, {start_step}")
+    process_index, process_count = _process(process_index, process_count)
+    src = sources_lib.open_source(spec, image_size=image_size)
+    if src.synthetic:
+        log.warning("training data is SYNTHETIC: %s", src.description)
+    else:
+        log.info("training data: %s", src.description)
+    kwargs = dict(batch_size=batch_size, image_size=image_size, seed=seed, start_step=start_step, augment=augment,
+                  process_index=process_index, process_count=process_count)
+    if isinstance(src, sources_lib.IndexedSource):
+        ds = _indexed_dataset(src, **kwargs)
+    else:
+        ds = _stream_dataset(src, shuffle_buffer=shuffle_buffer, **kwargs)
+    ds = ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
+    global_batch = batch_size * process_count
+    info = dict(num_classes=int(src.num_classes), num_images=int(src.num_images), source=src.description,
+                synthetic=bool(src.synthetic), spec=spec, image_size=int(image_size), batch_size=int(batch_size),
+                global_batch_size=global_batch, steps_per_epoch=max(1, math.floor(src.num_images / global_batch)),
+                process_index=process_index, process_count=process_count)
+    return Batches(ds), info
