@@ -462,7 +462,9 @@ def test_real_lfw_pairs(lfw_dir):
     p = dev_test[700]
     data = open(verification.image_path(str(lfw_dir / "lfw-deepfunneled"), p.name2, p.index2), "rb").read()
     direct = images_lib.decode_many([data], image_size=32, crop=verification.LFW_CROP)[0]
-    np.testing.assert_array_equal(images[2 * 700 + 1], direct)  # right file, right crop, right slot
+    slot = 2 * (700 - 500) + 1  # View 1 is interleaved: file pair 700 is the 200th different pair -> pair 401
+    np.testing.assert_array_equal(images[2 * slot + 1], direct)  # right file, right crop, right slot
+    assert issame[slot - 1] and not issame[slot]
     assert images.std() > 20  # real faces, not blank
 
 
@@ -471,3 +473,12 @@ def test_synthetic_spec_reaches_the_synthetic_source():
     images, issame = verification.load_verification("synthetic:6:1", image_size=16)
     assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
     assert issame.shape == (6,) and issame.dtype == bool and 0 < issame.sum() < 6
+
+
+def test_view1_pairs_are_interleaved_so_every_fold_has_both_classes(lfw_dir):
+    from facekd_jax.data.verification import load_pairs
+
+    _, issame = load_pairs(str(lfw_dir / "pairsDevTrain.txt"), str(lfw_dir / "lfw-deepfunneled"), image_size=8)
+    assert len(issame) == 2200
+    for fold in np.array_split(issame, 10):
+        assert 0.4 <= fold.mean() <= 0.6

@@ -313,7 +313,7 @@ def pairs_to_bin(pairs_txt: str, images_dir: str, output: str, *, image_size: in
 
     output = os.path.abspath(output)
     _check_output(output, overwrite)
-    pairs = verification.read_pairs(pairs_txt)
+    pairs = verification.protocol_order(verification.read_pairs(pairs_txt), pairs_txt)
     paths = verification.pair_image_paths(pairs, images_dir, pairs_txt=pairs_txt)
     unique = list(dict.fromkeys(paths))
     workers = workers or min(8, (os.cpu_count() or 2) * 2)

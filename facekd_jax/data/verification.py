@@ -126,11 +126,29 @@ def decode_paths(paths: Sequence[str], *, image_size: int, crop=None) -> np.ndar
 
 def load_pairs(pairs_txt: str, images_dir: str, *, image_size: int = 112, crop=None
                ) -> Tuple[np.ndarray, np.ndarray]:
-    """pairs.txt + LFW-layout folder -> (uint8 [2N, S, S, 3], issame bool [N]). Crop box applied before resizing."""
-    pairs = read_pairs(pairs_txt)
+    """pairs.txt + LFW-layout folder -> (uint8 [2N, S, S, 3], issame bool [N]). Crop box applied before resizing.
+
+    Pairs come in `protocol_order`: a View 1 file (header `N`: N same pairs, then N different) is returned interleaved (same, different, same,
+    ...): the protocol's 10 folds are taken in order, and in file order every fold would hold one class only,
+    so the threshold chosen on the other folds would be biased against the held-out one. View 2 files are
+    already balanced fold by fold and keep their order.
+    """
+    pairs = protocol_order(read_pairs(pairs_txt), pairs_txt)
     paths = pair_image_paths(pairs, images_dir, pairs_txt=pairs_txt)
     images = decode_paths(paths, image_size=image_size, crop=crop)
     return images, np.array([p.issame for p in pairs], dtype=bool)
+
+
+def protocol_order(pairs: List[Pair], pairs_txt: str) -> List[Pair]:
+    """The order in which the 10-fold protocol should see the pairs of `pairs_txt` (see load_pairs)."""
+    with open(pairs_txt) as f:
+        view1 = len(f.readline().split()) == 1
+    same = [p for p in pairs if p.issame]
+    diff = [p for p in pairs if not p.issame]
+    blocked = [p.issame for p in pairs] == [True] * len(same) + [False] * len(diff)
+    if not view1 or not blocked or len(same) != len(diff):
+        return pairs  # already mixed (or not View 1): keep the file's order
+    return [p for pair in zip(same, diff) for p in pair]
 
 
 class _BinUnpickler(pickle.Unpickler):
