@@ -37,8 +37,8 @@ TEACHER, BASELINE = "teacher_resnet18", "baseline_resnet56"
 
 # Sizes per data kind: synthetic is the demo (minutes on 2 CPU cores); lfw trains on View 1's train people.
 PRESETS = {
-    "synthetic": dict(train="synthetic:64:48", val=["synthetic:600"], image_size=32, embedding_size=128,
-                      batch_size=64, steps=150, lr=0.05, eval_batch_size=300),
+    "synthetic": dict(train="synthetic:32:32", val=["synthetic:400"], image_size=24, embedding_size=128,
+                      batch_size=32, steps=60, lr=0.05, eval_batch_size=200),
     "lfw": dict(train="lfw:{dir}", val=["lfw:{dir}"], image_size=64, embedding_size=256,
                 batch_size=64, steps=1500, lr=0.05, eval_batch_size=250),
 }
@@ -198,6 +198,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The KD students share their init and eval programs: compile them once for the whole suite.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.workdir), ".jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     run_suite(args.data, args.workdir, steps=args.steps, only=[r for r in args.runs.split(",") if r] or None,
