@@ -277,6 +277,15 @@ def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx
 # ----------------------------------------------------------------------------------------------- teacher
 
 
+def replicated_abstract_variables(model: nn.Module, num_classes: Optional[int], image_size: int,
+                                  embedding_size: int, mesh) -> Dict[str, PyTree]:
+    """ShapeDtypeStructs of a model's {"params", "batch_stats"} (with its head when num_classes), replicated."""
+    shapes = jax.eval_shape(functools.partial(init_variables, model, num_classes, image_size,
+                                              embedding_size=embedding_size), jax.random.PRNGKey(0))
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+
 def load_teacher(config, teacher: nn.Module, num_classes: int, mesh) -> Dict[str, PyTree]:
     """Restores the teacher's params (backbone + head) and batch stats from `teacher.workdir` (replicated)."""
     workdir = config.teacher.workdir
@@ -284,11 +293,8 @@ def load_teacher(config, teacher: nn.Module, num_classes: int, mesh) -> Dict[str
         raise ValueError("this config distils (config.kd has KD terms) but config.teacher.workdir is empty: "
                          "train a teacher first (configs/teacher_resnet18.py) and pass "
                          "--config.teacher.workdir=THAT_WORKDIR")
-    shapes = jax.eval_shape(functools.partial(init_variables, teacher, num_classes, config.data.image_size,
-                                              embedding_size=config.teacher.embedding_size),
-                            jax.random.PRNGKey(0))
-    replicated = NamedSharding(mesh, P())
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    abstract = replicated_abstract_variables(teacher, num_classes, config.data.image_size,
+                                             config.teacher.embedding_size, mesh)
     try:
         variables, meta = ckpt_lib.restore_variables(workdir, abstract, which=config.teacher.checkpoint)
     except FileNotFoundError as e:
@@ -389,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     init_distributed(config.distributed)
     mesh = make_mesh(config.mesh.model_parallelism)
     process_count, process_index = jax.process_count(), jax.process_index()
-    if config.batch_size % (mesh.shape["data"] * 1) or config.batch_size % process_count:
+    if config.batch_size % mesh.shape["data"] or config.batch_size % process_count:
         raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the data-parallel "
                          f"device count {mesh.shape['data']} and the process count {process_count}")
 
@@ -445,9 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
         results = eval_lib.evaluate_targets(_eval_apply(student), variables, val_targets, step=step,
                                             batch_size=config.eval_batch_size, mesh=mesh, log=log.info)
-        flat = {f"{name}/{k}": float(v) for name, r in results.items() for k, v in r.items()
-                if isinstance(v, (int, float))}
-        writer.write_scalars(step, {k: v for k, v in flat.items()})
+        writer.write_scalars(step, _best_metrics(results))
         return results
 
     last_metrics: Dict[str, float] = {}
@@ -530,11 +534,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: 
     """Evaluates a run's latest (or best) checkpoint on config.data.val_targets; writes WORKDIR/eval/."""
     mesh = make_mesh(1)
     student = build_student(config)
-    shapes = jax.eval_shape(functools.partial(init_variables, student, None, config.data.image_size,
-                                              embedding_size=config.embedding_size),
-                            jax.random.PRNGKey(0))
-    replicated = NamedSharding(mesh, P())
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    abstract = replicated_abstract_variables(student, None, config.data.image_size, config.embedding_size, mesh)
     variables, meta = ckpt_lib.restore_variables(workdir, abstract, which=which)
     step = int(meta.get("step", 0))
     targets = load_val_targets(config)
