@@ -1,0 +1,254 @@
+"""Benchmark: full training steps (forward, ArcFace loss, backward, optimiser update) of facekd_jax's train step.
+
+It runs `facekd_jax.train.make_train_step` itself, the jitted step the training loop runs, on synthetic batches
+already on the device (the input pipeline is benchmarked by benchmarks/input_pipeline.py). The config is
+configs/default.py (ArcFace, SGD momentum 0.9, weight decay 5e-4, backbone grad clipping 5), or
+configs/feature_kd.py (ArcFace + 100 x feature KD from a frozen teacher) when --teacher is given, with the
+model, batch, image size, embedding size, classes and dtype of the command line.
+
+    python benchmarks/train_step.py --model=resnet56 --batch=32 --steps=20 [--teacher=resnet18]
+        [--image-size=112] [--classes=10572] [--embedding-size=512] [--dtype=float32|bfloat16]
+        [--warmup=3] [--peak-tflops=X] [--torch [--torch-compile] [--channels-last]]
+
+Printed: compile time, median and mean ms/step over --steps timed steps (each step waited for with
+jax.block_until_ready after warm-up steps), images/s (= batch / median step time), XLA's FLOPs per step (cost
+analysis of the compiled step: forward + backward + update, teacher forward included; per device, as XLA compiles
+one program per device), achieved TFLOP/s per device, and `mfu=` (achieved / peak) when the device's peak is
+known (--peak-tflops, or the datasheet table below for GPUs/TPUs). XLA_FLAGS is printed too: it changes the CPU
+figures (see the README). With --teacher the plain step (same student, no teacher) is timed as well and
+`kd_overhead=` (KD step time / plain step time) printed. With --torch the same step in PyTorch
+(benchmarks/torch_reference.py) is timed first, in this process, then `jax_over_torch_eager=` (or `_compile`:
+JAX images/s / PyTorch images/s) and both frameworks' parameter counts are printed.
+The last line is always `images_per_second=<float>` (JAX; the KD step when --teacher is given).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # configs/ is a top-level folder of the repository, not an installed package
+    sys.path.insert(0, _ROOT)
+
+# Dense (no sparsity) peak TFLOP/s per device from the vendors' datasheets, keyed by a substring of jax's
+# device_kind (first match wins, so specific keys come first): (bfloat16 peak, float32 peak). float32 convolutions
+# and matmuls run as TF32 on NVIDIA GPUs under XLA's default precision and as bf16 passes on TPUs, hence that
+# column. NVIDIA H100/H200 SXM 989 bf16 / 495 TF32, H100 PCIe 756 / 378, A100 312 / 156; Google Cloud TPU v4 275,
+# v5e 197, v5p 459, v6e (Trillium) 918. CPUs have no entry: pass --peak-tflops.
+PEAK_TFLOPS = {
+    "H100 PCIe": (756.0, 378.0),
+    "H200": (989.0, 494.5),
+    "H100": (989.0, 494.5),
+    "A100": (312.0, 156.0),
+    "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0),
+    "TPU v5e": (197.0, 197.0),
+    "TPU v5p": (459.0, 459.0),
+    "TPU v5": (459.0, 459.0),
+    "TPU v6 lite": (918.0, 918.0),
+    "TPU v6e": (918.0, 918.0),
+}
+
+
+def peak_tflops(device_kind: str, dtype: str):
+    """The datasheet peak for `device_kind` (jax.devices()[0].device_kind) and compute dtype, or None."""
+    for key, (bf16, fp32) in PEAK_TFLOPS.items():
+        if key.lower() in device_kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet56", help="student model (facekd_jax.models.MODEL_NAMES)")
+    p.add_argument("--batch", type=int, default=32, help="global batch size")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    p.add_argument("--teacher", default="", help="teacher model: time the feature-KD step and the plain step")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--classes", type=int, default=10572, help="margin-head classes (CASIA-WebFace: 10572)")
+    p.add_argument("--embedding-size", type=int, default=512)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="device peak TFLOP/s for the MFU (default: the datasheet table for known GPUs/TPUs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch", action="store_true", help="also time the PyTorch reference step (needs torch)")
+    p.add_argument("--torch-compile", action="store_true", help="PyTorch: torch.compile the step")
+    p.add_argument("--channels-last", action="store_true", help="PyTorch: channels_last memory format")
+    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: os.cpu_count())")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        p.error("--batch and --steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def make_config(args, with_teacher: bool):
+    """configs/default.py (or feature_kd.py with a teacher) with the command line's sizes."""
+    from configs import default, feature_kd
+
+    config = feature_kd.get_config() if with_teacher else default.get_config()
+    config.model = args.model
+    config.batch_size = args.batch
+    config.data.image_size = args.image_size
+    config.embedding_size = args.embedding_size
+    config.dtype = args.dtype
+    if with_teacher:
+        config.teacher.model = args.teacher
+        config.teacher.embedding_size = args.embedding_size  # feature KD compares embeddings of equal width
+    return config
+
+
+def summarise(times, batch: int) -> dict:
+    """Per-step wall times (s) -> dict(ms_median, ms_mean, ms_min, images_per_second from the median)."""
+    median = statistics.median(times)
+    return dict(ms_median=1e3 * median, ms_mean=1e3 * statistics.fmean(times), ms_min=1e3 * min(times),
+                images_per_second=batch / median)
+
+
+def build_step(args, with_teacher: bool):
+    """facekd_jax's compiled train step and its inputs on the device.
+
+    Returns (compiled step, state, batch, teacher_variables, info); info: compile_s, flops (XLA cost analysis
+    of the whole step), params (student + margin head), backbone_params, teacher_params.
+    """
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from facekd_jax import models
+    from facekd_jax import train as train_lib
+
+    config = make_config(args, with_teacher)
+    mesh = train_lib.make_mesh(1)
+    if args.batch % mesh.shape["data"]:
+        raise SystemExit(f"--batch={args.batch} must be divisible by the {mesh.shape['data']} devices")
+    student = train_lib.build_student(config)
+    teacher = train_lib.build_teacher(config) if train_lib.needs_teacher(config.kd) else None
+    tx, schedule = train_lib.make_optimizer(config, num_train_steps=1_000_000)  # the LR schedule is irrelevant
+    abstract = train_lib.abstract_state(config, student, tx, args.classes, mesh)
+    state = train_lib.create_train_state(config, student, tx, args.classes, mesh)
+    teacher_variables = {}
+    if teacher is not None:  # random weights: the teacher's values do not change its cost
+        init = jax.jit(lambda key: train_lib.init_variables(teacher, args.classes, args.image_size, key,
+                                                           config.teacher.embedding_size),
+                       out_shardings=NamedSharding(mesh, P()))
+        teacher_variables = init(jax.random.PRNGKey(args.seed + 1))
+    step_fn = train_lib.make_train_step(config, student, teacher, tx, schedule, mesh, args.classes,
+                                        jax.tree.map(lambda a: a.sharding, abstract))
+
+    rng = np.random.default_rng(args.seed)
+    batch = train_lib.put_batch({
+        "image": rng.uniform(-1.0, 1.0, (args.batch, args.image_size, args.image_size, 3)).astype(np.float32),
+        "label": rng.integers(0, args.classes, (args.batch,), dtype=np.int32)}, mesh)
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch, teacher_variables).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    info = dict(compile_s=compile_s, flops=float(cost.get("flops", 0.0)) if cost else 0.0,
+                params=models.count_params(state.params),
+                backbone_params=models.count_params(state.params["backbone"]),
+                teacher_params=(models.count_params(teacher_variables["params"]["backbone"])
+                                if teacher is not None else 0))
+    return compiled, state, batch, teacher_variables, info
+
+
+def bench_jax(args, with_teacher: bool) -> dict:
+    """Compiles and times facekd_jax's train step; returns timings, FLOPs and parameter counts."""
+    import jax
+    import numpy as np
+
+    compiled, state, batch, teacher_variables, info = build_step(args, with_teacher)
+    metrics = None
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch, teacher_variables)
+    jax.block_until_ready((state, metrics))
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch, teacher_variables)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t)
+    loss = float(metrics["total"])
+    if not np.isfinite(loss):
+        raise SystemExit(f"non-finite loss {loss} in the benchmark step: the timing is meaningless")
+    return dict(summarise(times, args.batch), loss=loss, **info)
+
+
+def report(name: str, r: dict, peak) -> None:
+    """One human-readable line of a bench_jax result (MFU when the peak TFLOP/s is known)."""
+    tflops = r["flops"] / (r["ms_median"] * 1e-3) / 1e12 if r.get("flops") else 0.0
+    line = (f"{name}: compile {r['compile_s']:.1f} s | {r['ms_median']:.1f} ms/step median "
+            f"({r['ms_mean']:.1f} mean, {r['ms_min']:.1f} min) | {r['images_per_second']:.1f} images/s "
+            f"| loss {r['loss']:.3f}")
+    if r.get("flops"):
+        line += f" | {r['flops'] / 1e9:.1f} GFLOP/step (XLA) | {tflops:.3f} TFLOP/s"
+        if peak:
+            line += f" | MFU {tflops / peak:.4f}"
+    print(line, flush=True)
+
+
+def main(argv=None) -> None:
+    """Prints the figures described in the module docstring; the last line is `images_per_second=`."""
+    args = parse_args(argv)
+    import jax
+
+    device = jax.devices()[0]
+    peak = args.peak_tflops or peak_tflops(device.device_kind, args.dtype)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"device: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"step: {args.model} student{f' + {args.teacher} teacher (feature KD)' if args.teacher else ''}, "
+          f"batch {args.batch}, {args.image_size}x{args.image_size}, embedding {args.embedding_size}, "
+          f"{args.classes} classes, {args.dtype}, SGD momentum 0.9 wd 5e-4 clip 5; "
+          f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
+
+    torch_results = {}
+    if args.torch:  # first: PyTorch's thread pool is idle (not spinning) by the time JAX runs
+        try:
+            import torch_reference
+        except ImportError:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import torch_reference
+        torch_results = torch_reference.run(args)
+
+    plain = bench_jax(args, with_teacher=False)
+    report("jax plain" if args.teacher else "jax", plain, peak)
+    final = plain
+    if args.teacher:
+        kd = bench_jax(args, with_teacher=True)
+        report(f"jax kd ({args.teacher} teacher)", kd, peak)
+        final = kd
+    print(f"params: student {plain['backbone_params']:,} + margin head {plain['params'] - plain['backbone_params']:,}"
+          + (f", teacher {final['teacher_params']:,}" if args.teacher else ""))
+    if torch_results:
+        for key, r in torch_results.items():
+            print(f"jax_over_torch_{key}={plain['images_per_second'] / r['plain']['images_per_second']:.3f}"
+                  + (f" kd_jax_over_torch_{key}={final['images_per_second'] / r['kd']['images_per_second']:.3f}"
+                     if args.teacher else ""))
+        first = next(iter(torch_results.values()))
+        pairs = [("student+head", plain["params"], first["params"])]
+        if args.teacher:
+            pairs.append(("teacher", final["teacher_params"], first["kd"]["teacher_params"]))
+        for name, n_jax, n_torch in pairs:
+            print(f"param_count {name}: jax={n_jax} torch={n_torch} ({'match' if n_jax == n_torch else 'DIFFER'})")
+    tflops = final["flops"] / (final["ms_median"] * 1e-3) / 1e12 if final["flops"] else 0.0
+    print(f"compile_seconds={final['compile_s']:.2f}")
+    print(f"ms_per_step={final['ms_median']:.2f}")
+    print(f"achieved_tflops={tflops:.4f}")
+    if peak:
+        print(f"peak_tflops={peak:g}")
+        print(f"mfu={tflops / peak:.4f}")
+    if args.teacher:
+        print(f"kd_overhead={final['ms_median'] / plain['ms_median']:.3f}")
+    print(f"images_per_second={final['images_per_second']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
