@@ -530,8 +530,45 @@ def _check_finite(step: int, metrics, config) -> None:
 # ----------------------------------------------------------------------------------------------- eval mode
 
 
+# What a checkpoint's shapes depend on: evaluation takes these from the run itself (WORKDIR/config.json).
+ARCHITECTURE_FIELDS = ("model", "embedding_size", "head", "data.image_size")
+
+
+def trained_architecture(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """config with the architecture fields of the run in workdir (its config.json), where they differ.
+
+    A checkpoint restores only into the architecture it was trained with, so `--mode=eval` of, e.g., a suite
+    run (32x32, 256-d) with the experiment's own config file (112x112, 512-d) evaluates what was trained and
+    says so, instead of failing on mismatched shapes. The verification sets and batch size stay the caller's.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return config
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable run config ({e}); fix or remove it to evaluate with the given "
+                         f"config") from e
+    config = ml_collections.ConfigDict(config.to_dict())
+    for field in ARCHITECTURE_FIELDS:
+        *parents, leaf = field.split(".")
+        have, node = saved, config
+        for part in parents:
+            have, node = have.get(part, {}), node[part]
+        if leaf in have and have[leaf] != node[leaf]:
+            log.warning("eval: %s=%r from %s (the command line's config says %r)", field, have[leaf], path,
+                        node[leaf])
+            node[leaf] = type(node[leaf])(have[leaf])
+    return config
+
+
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: str = "latest") -> Dict[str, Any]:
-    """Evaluates a run's latest (or best) checkpoint on config.data.val_targets; writes WORKDIR/eval/."""
+    """Evaluates a run's latest (or best) checkpoint on config.data.val_targets; writes WORKDIR/eval/.
+
+    The architecture comes from the run (`trained_architecture`); the verification sets from `config`.
+    """
+    config = trained_architecture(config, workdir)
     mesh = make_mesh(1)
     student = build_student(config)
     abstract = replicated_abstract_variables(student, None, config.data.image_size, config.embedding_size, mesh)

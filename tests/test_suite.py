@@ -41,3 +41,23 @@ def test_suite_rejects_unknown_runs_and_missing_verification_sets(tmp_path):
         suite.run_suite("synthetic", str(tmp_path), only=["nope"])
     with pytest.raises(ValueError, match="--val"):
         suite.suite_config("baseline_resnet56", data="folder:/x", workdir=str(tmp_path), steps=1, overrides={})
+
+
+def test_suite_config_gives_every_model_the_same_data_budget_and_head(tmp_path):
+    configs = {name: suite.suite_config(module, data="lfw:/data/lfw", workdir=str(tmp_path), steps=None,
+                                        overrides={"scale": None, "lr": 0.2})
+               for name, module, _ in suite.RUNS}
+    lfw = suite.PRESETS["lfw"]
+    for name, c in configs.items():
+        assert c.data.train == "lfw:/data/lfw" and c.data.val_targets == ("lfw:/data/lfw",), name
+        assert (c.num_train_steps, c.batch_size, c.data.image_size) == (lfw["steps"], lfw["batch_size"],
+                                                                         lfw["image_size"]), name
+        assert c.scale == lfw["scale"] and c.optimizer.lr == 0.2, name  # None keeps the preset; a value wins
+        if name != suite.TEACHER and c.teacher.model:
+            assert c.teacher.workdir == str(tmp_path / suite.TEACHER), name
+            assert c.teacher.embedding_size == c.embedding_size, name
+    assert configs[suite.TEACHER].model == "resnet18" and configs[suite.BASELINE].model == "resnet56"
+    assert configs["feature_kd"].kd.feature_weight > 0 and not configs[suite.BASELINE].teacher.model
+    c = suite.suite_config("baseline_resnet56", data="synthetic", workdir=str(tmp_path), steps=7,
+                           overrides={"scale": 16.0})
+    assert c.scale == 16.0 and c.num_train_steps == 7

@@ -144,8 +144,16 @@ def test_main_trains_teacher_then_distils_then_evaluates(tmp_path):
     assert results["step"] == 6 and 0.0 <= results["synthetic"]["accuracy"] <= 1.0
     step, state = load_params(student_dir)
     assert step == 6 and set(state["params"]) == {"backbone", "head"}
-    proc = run_main("configs/feature_kd.py:smoke", student_dir, {"teacher.workdir": str(teacher_dir)}, mode="eval")
-    assert "[synthetic][6]Accuracy-Flip:" in proc.stdout + proc.stderr
+    # Eval mode on other pairs, with a config whose architecture differs from the run's: the run's config.json
+    # decides the architecture (the checkpoint restores only into it), the command line the verification set.
+    other = {"teacher.workdir": str(teacher_dir), "model": "resnet20", "embedding_size": 48, "data.image_size": 24,
+             "data.val_targets": ("synthetic:30:7",), "eval_batch_size": 30}
+    proc = run_main("configs/feature_kd.py:smoke", student_dir, other, mode="eval")
+    log = proc.stdout + proc.stderr
+    assert "[synthetic][6]Accuracy-Flip:" in log
+    assert "model='resnet8'" in log and "embedding_size=32" in log and "data.image_size=16" in log
+    results = json.loads((student_dir / "eval" / "results.json").read_text())
+    assert results["synthetic"]["pairs"] == 30
     assert (student_dir / "eval" / "roc.png").stat().st_size > 1000
 
 
