@@ -39,8 +39,9 @@ TEACHER, BASELINE = "teacher_resnet18", "baseline_resnet56"
 PRESETS = {
     "synthetic": dict(train="synthetic:32:32", val=["synthetic:400"], image_size=24, embedding_size=128,
                       batch_size=32, steps=60, lr=0.05, eval_batch_size=200),
-    # 32x32 (CIFAR's size, ResNet-56's home): 48x48 costs XLA:CPU 5.7x, not 2.25x. ArcFace keeps m=0.5 but
-    # s=32: at s=64 the 200-step teacher stayed at chance (51.1%), at s=32 it reached 58.8% (pairsDevTest).
+    # 32x32 (CIFAR's size, ResNet-56's home): at 48x48 the teacher's 200 steps took 5.7x as long on XLA:CPU, not
+    # 2.25x. ArcFace keeps m=0.5 but s=32: at s=64 the 200-step teacher stayed at chance (51.1%), at s=32 it
+    # reached 58.8% (pairsDevTest).
     "lfw": dict(train="lfw:{dir}", val=["lfw:{dir}"], image_size=32, embedding_size=256,
                 batch_size=64, steps=200, lr=0.1, scale=32.0, eval_batch_size=250),
 }
@@ -209,7 +210,8 @@ def main(argv=None):
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     run_suite(args.data, args.workdir, steps=args.steps, only=[r for r in args.runs.split(",") if r] or None,
-              overrides={"student": args.student, "teacher": args.teacher, "image_size": args.image_size, "batch_size": args.batch_size,
+              overrides={"student": args.student, "teacher": args.teacher, "image_size": args.image_size,
+                         "batch_size": args.batch_size,
                          "embedding_size": args.embedding_size, "lr": args.lr, "scale": args.scale,
                          "val_targets": [v for v in args.val.split(",") if v] or None})
 

@@ -212,3 +212,17 @@ def test_two_processes_match_one_process(tmp_path):
     step_one, one = load_params(tmp_path / "one")
     assert step_two == step_one == 4
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one["params"], two["params"])
+
+
+def test_eval_architecture_comes_from_the_run_and_a_damaged_run_config_is_named(tmp_path):
+    config = tiny_config("baseline_resnet56")
+    assert train.trained_architecture(config, str(tmp_path)) is config  # no config.json: the caller's config
+    saved = tiny_config("baseline_resnet56", model="resnet20", embedding_size=48, **{"data.image_size": 24})
+    (tmp_path / "config.json").write_text(saved.to_json())
+    got = train.trained_architecture(config, str(tmp_path))
+    assert (got.model, got.embedding_size, got.data.image_size) == ("resnet20", 48, 24)
+    assert got.data.val_targets == config.data.val_targets and config.model == "resnet8"  # caller's untouched
+    (tmp_path / "config.json").write_text('{"model": "resn')
+    with pytest.raises(ValueError, match="config.json"):
+        train.evaluate_workdir(config, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == '{"model": "resn'  # nothing rewritten
