@@ -15,10 +15,12 @@ jax.block_until_ready after warm-up steps), images/s (= batch / median step time
 analysis of the compiled step: forward + backward + update, teacher forward included; per device, as XLA compiles
 one program per device), achieved TFLOP/s per device, and `mfu=` (achieved / peak) when the device's peak is
 known (--peak-tflops, or the datasheet table below for GPUs/TPUs). XLA_FLAGS is printed too: it changes the CPU
-figures (see the README). With --teacher the plain step (same student, no teacher) is timed as well and
-`kd_overhead=` (KD step time / plain step time) printed. With --torch the same step in PyTorch
-(benchmarks/torch_reference.py) is timed first, in this process, then `jax_over_torch_eager=` (or `_compile`:
-JAX images/s / PyTorch images/s) and both frameworks' parameter counts are printed.
+figures (see the README). Like facekd_jax.main, the benchmark adds facekd_jax.xla_flags.CPU_DEFAULTS (YNNPACK
+fusions on XLA:CPU) to XLA_FLAGS; FACEKD_XLA_CPU_DEFAULTS=0 times XLA:CPU's own code instead. With --teacher
+the plain step (same student, no teacher) is timed as well and `kd_overhead=` (KD step time / plain step time)
+printed. With --torch the same step in PyTorch (benchmarks/torch_reference.py) is timed first, in this process,
+then `jax_over_torch_eager=` (or `_compile`: JAX images/s / PyTorch images/s) and both frameworks' parameter
+counts are printed.
 The last line is always `images_per_second=<float>` (JAX; the KD step when --teacher is given).
 """
 from __future__ import annotations
@@ -196,6 +198,8 @@ def report(name: str, r: dict, peak) -> None:
 def main(argv=None) -> None:
     """Prints the figures described in the module docstring; the last line is `images_per_second=`."""
     args = parse_args(argv)
+    from facekd_jax import xla_flags
+    xla_flags.apply_cpu_defaults()  # as facekd_jax.main does; FACEKD_XLA_CPU_DEFAULTS=0 times XLA's own code
     import jax
 
     device = jax.devices()[0]

@@ -66,6 +66,8 @@ def check_config_overrides(argv) -> None:
 
 def run():
     check_config_overrides(sys.argv[1:])
+    from facekd_jax import xla_flags
+    xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
     app.run(main)
 
 

@@ -207,6 +207,8 @@ def main(argv=None):
     # The KD students share their init and eval programs: compile them once for the whole suite.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.workdir), ".jax_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    from facekd_jax import xla_flags
+    xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     run_suite(args.data, args.workdir, steps=args.steps, only=[r for r in args.runs.split(",") if r] or None,

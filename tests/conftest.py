@@ -4,6 +4,11 @@ import pathlib
 
 # Sharding is tested on 8 fake CPU devices; this must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The XLA:CPU defaults facekd_jax.main applies (YNNPACK fusions), so the tests run the code users run; the
+# subprocesses the tests start inherit them. facekd_jax.xla_flags imports no JAX.
+from facekd_jax import xla_flags  # noqa: E402
+
+xla_flags.apply_cpu_defaults()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # One persistent XLA cache for the whole session, shared with the subprocesses the tests start: the same train

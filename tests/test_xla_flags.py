@@ -1,0 +1,115 @@
+"""facekd_jax.xla_flags: the XLA:CPU defaults are added only where they should be, and change results only by
+float summation order."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from runs import REPO, subprocess_env
+from facekd_jax import xla_flags
+
+YNN = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+
+
+@pytest.fixture
+def tested_jaxlib(monkeypatch):
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: xla_flags.TESTED_JAXLIB + "2")
+
+
+def test_defaults_are_appended_and_never_override_the_user(tested_jaxlib):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xla_flags.apply_cpu_defaults(env) == [YNN]
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 " + YNN
+    assert xla_flags.apply_cpu_defaults(env) == []  # idempotent
+    assert env["XLA_FLAGS"].count("ynn") == 1
+
+    empty = {}
+    assert xla_flags.apply_cpu_defaults(empty) == [YNN] and empty["XLA_FLAGS"] == YNN
+
+    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=eltwise"}  # the user's own choice stands
+    assert xla_flags.apply_cpu_defaults(mine) == []
+    assert mine["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=eltwise"
+
+    for off in ("0", "false", "OFF", "no"):
+        opted_out = {xla_flags.OPT_OUT: off}
+        assert xla_flags.apply_cpu_defaults(opted_out) == [] and "XLA_FLAGS" not in opted_out
+
+
+def test_other_jaxlib_versions_get_no_flags(monkeypatch):
+    """An unknown name in XLA_FLAGS aborts XLA, so flags are only added for the jaxlib they were tested with."""
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: "0.99.0")
+    env = {}
+    assert xla_flags.apply_cpu_defaults(env) == [] and env == {}
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: None)
+    assert xla_flags.apply_cpu_defaults(env) == [] and env == {}
+
+
+def test_too_late_is_a_warning_and_changes_nothing(tested_jaxlib, monkeypatch):
+    import jax
+
+    jax.devices()  # this process's backend has started: XLA_FLAGS is no longer read
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with pytest.warns(RuntimeWarning, match="already started"):
+        assert xla_flags.apply_cpu_defaults() == []
+    import os
+
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+
+STEPS = """
+import re, sys
+sys.path.insert(0, {tests!r})
+from facekd_jax import xla_flags
+xla_flags.apply_cpu_defaults()
+import jax, numpy as np
+from runs import tiny_config
+from facekd_jax import train
+
+config = tiny_config("feature_kd", **{{"teacher.model": "resnet8"}})
+mesh = train.make_mesh(1)
+student, teacher = train.build_student(config), train.build_teacher(config)
+tx, schedule = train.make_optimizer(config, config.num_train_steps)
+state = train.create_train_state(config, student, tx, 8, mesh)
+shardings = jax.tree.map(lambda a: a.sharding, train.abstract_state(config, student, tx, 8, mesh))
+step = train.make_train_step(config, student, teacher, tx, schedule, mesh, 8, shardings)
+tvars = train.init_variables(teacher, 8, config.data.image_size, jax.random.PRNGKey(1), 32)
+rng = np.random.default_rng(0)
+batches = [dict(image=rng.uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32),
+                label=rng.integers(0, 8, 16).astype(np.int32)) for _ in range(3)]
+hlo = step.lower(state, train.put_batch(batches[0], mesh), tvars).compile().as_text()
+for b in batches:
+    state, metrics = step(state, train.put_batch(b, mesh), tvars)
+flat = {{jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}}
+# Element-wise YNNPACK fusions (ReLU's maximum, BN's subtract) are what the defaults add: jaxlib 0.10 already
+# gives YNNPACK some dots, reductions and convolutions on its own.
+fused = re.findall(r"calls=%([\\w.]+)[^\\n]*__ynn_fusion", hlo)
+bodies = [hlo.split("%" + name + " ", 1)[1].split("\\n}}", 1)[0] for name in fused]
+eltwise = sum(1 for body in bodies if re.search(r" (maximum|subtract)\\(", body))
+np.savez(sys.argv[1], ynn_eltwise=eltwise, loss=float(metrics["total"]), **flat)
+"""
+
+
+@pytest.mark.skipif(not xla_flags._jaxlib_version() or not xla_flags._jaxlib_version().startswith(
+    xla_flags.TESTED_JAXLIB), reason="the XLA:CPU defaults are only applied on the jaxlib they were tested with")
+def test_defaults_take_effect_and_change_results_only_by_summation_order(tmp_path):
+    """Three feature-KD steps with and without the defaults: element-wise YNNPACK fusions only in the first, the
+    same parameters in both."""
+    script = tmp_path / "steps.py"
+    script.write_text(STEPS.format(tests=str(REPO / "tests")))
+    results = {}
+    for name, extra in (("on", {}), ("off", {xla_flags.OPT_OUT: "0"})):
+        env = subprocess_env(1, **extra)
+        if not extra:
+            env.pop(xla_flags.OPT_OUT, None)
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npz")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = dict(np.load(tmp_path / f"{name}.npz"))
+    on, off = results["on"], results["off"]
+    eltwise_on, eltwise_off = int(on.pop("ynn_eltwise")), int(off.pop("ynn_eltwise"))
+    assert eltwise_on >= eltwise_off + 10, (eltwise_on, eltwise_off)  # 20 vs 1 with jaxlib 0.10.2
+    assert np.isfinite(on["loss"]) and on["loss"] == pytest.approx(off["loss"], rel=1e-4)
+    assert on.keys() == off.keys()
+    for key in on:
+        np.testing.assert_allclose(on[key], off[key], rtol=1e-3, atol=1e-5, err_msg=key)
