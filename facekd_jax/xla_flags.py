@@ -5,7 +5,7 @@ loop fusions of a ResNet train step (batch norm, ReLU, residual adds, the transp
 weight-gradient convolution) in its own code, and those took most of the step.
 `--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce` gives YNNPACK the element-wise fusions too (and,
 replacing the default list, leaves convolutions to XLA's Eigen kernels, which were faster here): resnet56's
-112x112 float32 train step at batch 32 runs about 1.6x faster on this project's 2-core CPU
+112x112 float32 train step at batch 32 runs about 1.7x faster on this project's 2-core CPU
 (`python benchmarks/train_step.py`, figures in the README), with the same results up to float summation order
 (tests/test_xla_flags.py trains with and without the flag and compares).
 

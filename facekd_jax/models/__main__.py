@@ -2,8 +2,8 @@
 
     python -m facekd_jax.models [--image-size 112] [--models resnet18,resnet56,...]
 
-Params come from jax.eval_shape of init; GFLOPs from XLA's cost analysis of the compiled eval forward on
-one image (see facekd_jax.models.model_summary).
+Params come from jax.eval_shape of init; GFLOPs from XLA's cost analysis of the lowered (not yet
+backend-optimised) eval forward on one image (see facekd_jax.models.model_summary).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def format_table(rows: list[dict], image_size: int) -> str:
     by_name = {r["name"]: r for r in rows}
     lines.append("")
     lines.append(
-        f"GFLOPs are FLOPs (not MACs): XLA cost analysis ({jax.default_backend()} backend) of the jitted eval "
+        f"GFLOPs are FLOPs (not MACs): XLA cost analysis ({jax.default_backend()} backend) of the lowered eval "
         "forward, batch 1, counts a multiply-add as 2 FLOPs; GMACs = GFLOPs / 2. XLA skips kernel taps that fall "
         "on zero padding, so GMACs read a few % below counts that include them (insightface quotes 2.6 G for "
         "iresnet18). Params exclude BatchNorm running statistics; fp32 MB = params * 4 / 2^20."

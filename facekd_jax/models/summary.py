@@ -27,7 +27,8 @@ def model_summary(name: str, image_size: int = 112, **kwargs) -> dict:
     """Parameters, compute and fp32 size of ``build_model(name, image_size=image_size, **kwargs)``.
 
     params: trainable parameters (the "params" collection; not batch_stats), from jax.eval_shape.
-    gflops: XLA cost analysis of the compiled, jitted eval forward on one [1, S, S, 3] image, in 1e9 FLOPs.
+    gflops: XLA cost analysis of the jitted eval forward on one [1, S, S, 3] image, in 1e9 FLOPs, counted on the
+      lowered program (before backend optimisation, so the same on every backend and XLA flag setting).
       XLA counts a multiply-add as 2 FLOPs, so gmacs = gflops / 2 is the figure that papers calling
       MACs "FLOPs" report (insightface: 2.6 "GFLOPs" for iresnet18 at 112).
     mb: float32 size of the params, params * 4 / 2**20.
@@ -44,9 +45,18 @@ def model_summary(name: str, image_size: int = 112, **kwargs) -> dict:
     def forward(variables, images):
         return model.apply(variables, images, train=False)
 
-    # Variables are arguments, not constants, so XLA cannot fold any of the network away.
-    compiled = jax.jit(forward).lower(variables, images).compile()
-    gflops = _flops(compiled.cost_analysis()) / 1e9
+    # Variables are arguments, not constants, so XLA cannot fold any of the network away. The count is taken on
+    # the lowered program, before the backend's optimisation: the compiled program's count moves with the fusions
+    # a backend picks (resnet56 at 112: 3.095 GFLOPs with XLA:CPU's own fusions, 3.028 with facekd_jax.xla_flags'
+    # YNNPACK ones), the model's does not.
+    lowered = jax.jit(forward).lower(variables, images)
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # a backend without pre-compilation cost analysis: count the compiled program instead
+        cost = None
+    if not cost or "flops" not in (cost[0] if isinstance(cost, (list, tuple)) else cost):
+        cost = lowered.compile().cost_analysis()
+    gflops = _flops(cost) / 1e9
     return dict(
         name=name,
         head=model.head,
