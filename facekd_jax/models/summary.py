@@ -15,7 +15,7 @@ def count_params(tree: Any) -> int:
 
 
 def _flops(cost: Any) -> float:
-    """The "flops" entry of ``Compiled.cost_analysis()`` (a dict, or a one-dict list in older JAX)."""
+    """The "flops" entry of a ``cost_analysis()`` result (a dict, or a one-dict list in older JAX)."""
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     if not cost or "flops" not in cost:
@@ -51,12 +51,9 @@ def model_summary(name: str, image_size: int = 112, **kwargs) -> dict:
     # YNNPACK ones), the model's does not.
     lowered = jax.jit(forward).lower(variables, images)
     try:
-        cost = lowered.cost_analysis()
+        gflops = _flops(lowered.cost_analysis()) / 1e9
     except Exception:  # a backend without pre-compilation cost analysis: count the compiled program instead
-        cost = None
-    if not cost or "flops" not in (cost[0] if isinstance(cost, (list, tuple)) else cost):
-        cost = lowered.compile().cost_analysis()
-    gflops = _flops(cost) / 1e9
+        gflops = _flops(lowered.compile().cost_analysis()) / 1e9
     return dict(
         name=name,
         head=model.head,
