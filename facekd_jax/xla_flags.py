@@ -45,6 +45,12 @@ def _jaxlib_version() -> Optional[str]:
         return None
 
 
+def jaxlib_is_tested() -> bool:
+    """Whether the installed jaxlib is the minor version whose XLA knows CPU_DEFAULTS' flag names."""
+    version = _jaxlib_version()
+    return version is not None and version.startswith(TESTED_JAXLIB)
+
+
 def apply_cpu_defaults(environ: Optional[MutableMapping[str, str]] = None) -> list[str]:
     """Appends CPU_DEFAULTS to XLA_FLAGS in `environ` (default os.environ); returns the flags it added.
 
@@ -55,8 +61,7 @@ def apply_cpu_defaults(environ: Optional[MutableMapping[str, str]] = None) -> li
     environ = os.environ if use_os else environ
     if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
         return []
-    version = _jaxlib_version()
-    if version is None or not version.startswith(TESTED_JAXLIB):
+    if not jaxlib_is_tested():
         return []
     current = environ.get("XLA_FLAGS", "")
     named = {token.lstrip("-").split("=", 1)[0] for token in current.split()}

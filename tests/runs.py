@@ -102,3 +102,32 @@ def load_params(workdir, which: str = "latest"):
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     manager.close()
     return step, jax.tree.map(np.asarray, restored[ckpt_lib.STATE])
+
+
+def train_setup(config, mesh, num_classes=8, teacher_seed=1):
+    """(train state, jitted train step, teacher variables) for `config` on `mesh`, as the training loop builds them."""
+    import jax
+
+    from facekd_jax import train
+
+    student = train.build_student(config)
+    teacher = train.build_teacher(config) if train.needs_teacher(config.kd) else None
+    tx, schedule = train.make_optimizer(config, config.num_train_steps)
+    state = train.create_train_state(config, student, tx, num_classes, mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, train.abstract_state(config, student, tx, num_classes, mesh))
+    step = train.make_train_step(config, student, teacher, tx, schedule, mesh, num_classes, shardings)
+    tvars = {}
+    if teacher is not None:
+        tvars = train.init_variables(teacher, num_classes, config.data.image_size, jax.random.PRNGKey(teacher_seed),
+                                     config.teacher.embedding_size)
+    return state, step, tvars
+
+
+def synthetic_batches(config, n, num_classes=8):
+    """`n` host batches of uniform-noise images and random labels at the config's sizes (seed 0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    s = config.data.image_size
+    return [{"image": rng.uniform(-1, 1, (config.batch_size, s, s, 3)).astype(np.float32),
+             "label": rng.integers(0, num_classes, config.batch_size).astype(np.int32)} for _ in range(n)]

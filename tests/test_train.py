@@ -8,40 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runs import REPO, load_params, run_main, subprocess_env, tiny_config
+from runs import REPO, load_params, run_main, subprocess_env, synthetic_batches, tiny_config, train_setup
 from facekd_jax import data as data_lib
 from facekd_jax import train
-
-
-def _setup(config, mesh, num_classes=8, teacher_seed=1):
-    student = train.build_student(config)
-    teacher = train.build_teacher(config) if train.needs_teacher(config.kd) else None
-    tx, schedule = train.make_optimizer(config, config.num_train_steps)
-    state = train.create_train_state(config, student, tx, num_classes, mesh)
-    shardings = jax.tree.map(lambda a: a.sharding, train.abstract_state(config, student, tx, num_classes, mesh))
-    step = train.make_train_step(config, student, teacher, tx, schedule, mesh, num_classes, shardings)
-    tvars = {}
-    if teacher is not None:
-        tvars = train.init_variables(teacher, num_classes, config.data.image_size, jax.random.PRNGKey(teacher_seed),
-                                     config.teacher.embedding_size)
-    return state, step, tvars
-
-
-def _batches(config, n, num_classes=8):
-    rng = np.random.default_rng(0)
-    s = config.data.image_size
-    return [{"image": rng.uniform(-1, 1, (config.batch_size, s, s, 3)).astype(np.float32),
-             "label": rng.integers(0, num_classes, config.batch_size).astype(np.int32)} for _ in range(n)]
 
 
 def test_sharded_step_equals_single_device_step_and_teacher_is_untouched():
     """3 KD steps on 1 device, on 8 (data) and on 4x2 (data x model: class-sharded head) agree."""
     config = tiny_config("feature_kd", **{"kd.hinton_weight": 0.5, "teacher.model": "resnet8"})
-    batches = _batches(config, 3)
+    batches = synthetic_batches(config, 3)
     results = {}
     # 4x2 covers both the data-parallel gradient all-reduce and the class-sharded head in one compile.
     for name, mesh in [("one", train.make_mesh(1, devices=jax.devices()[:1])), ("data4_model2", train.make_mesh(2))]:
-        state, step, tvars = _setup(config, mesh)
+        state, step, tvars = train_setup(config, mesh)
         tvars = jax.device_put(tvars, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         before = jax.tree.map(lambda x: np.array(x, copy=True), tvars)
         for b in batches:
@@ -54,7 +33,7 @@ def test_sharded_step_equals_single_device_step_and_teacher_is_untouched():
             assert len(state.params["head"]["kernel"].addressable_shards[0].data.shape) == 2
             assert state.params["head"]["kernel"].addressable_shards[0].data.shape[1] == 4  # 8 classes / 2
     # Parameters really moved (otherwise agreement would prove nothing).
-    init_state, _, _ = _setup(config, train.make_mesh(1, devices=jax.devices()[:1]))
+    init_state, _, _ = train_setup(config, train.make_mesh(1, devices=jax.devices()[:1]))
     moved = jax.tree.map(lambda a, b: float(np.abs(a - np.asarray(b)).max()), results["one"], init_state.params)
     assert max(jax.tree.leaves(moved)) > 1e-4
     for name in ("data4_model2",):
@@ -65,7 +44,7 @@ def test_loss_falls_on_synthetic_data():
     config = tiny_config("baseline_resnet56", **{"optimizer.lr": 0.1, "batch_size": 32})
     mesh = train.make_mesh(1)
     batches, info = data_lib.make_train_dataset("synthetic:8:16", batch_size=32, image_size=16, seed=0)
-    state, step, _ = _setup(config, mesh, num_classes=info["num_classes"])
+    state, step, _ = train_setup(config, mesh, num_classes=info["num_classes"])
     losses = []
     it = iter(batches)
     for _ in range(40):

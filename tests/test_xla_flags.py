@@ -63,20 +63,13 @@ sys.path.insert(0, {tests!r})
 from facekd_jax import xla_flags
 xla_flags.apply_cpu_defaults()
 import jax, numpy as np
-from runs import tiny_config
+from runs import synthetic_batches, tiny_config, train_setup
 from facekd_jax import train
 
 config = tiny_config("feature_kd", **{{"teacher.model": "resnet8"}})
 mesh = train.make_mesh(1)
-student, teacher = train.build_student(config), train.build_teacher(config)
-tx, schedule = train.make_optimizer(config, config.num_train_steps)
-state = train.create_train_state(config, student, tx, 8, mesh)
-shardings = jax.tree.map(lambda a: a.sharding, train.abstract_state(config, student, tx, 8, mesh))
-step = train.make_train_step(config, student, teacher, tx, schedule, mesh, 8, shardings)
-tvars = train.init_variables(teacher, 8, config.data.image_size, jax.random.PRNGKey(1), 32)
-rng = np.random.default_rng(0)
-batches = [dict(image=rng.uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32),
-                label=rng.integers(0, 8, 16).astype(np.int32)) for _ in range(3)]
+state, step, tvars = train_setup(config, mesh)
+batches = synthetic_batches(config, 3)
 hlo = step.lower(state, train.put_batch(batches[0], mesh), tvars).compile().as_text()
 for b in batches:
     state, metrics = step(state, train.put_batch(b, mesh), tvars)
@@ -92,8 +85,8 @@ np.savez(sys.argv[1], ynn_eltwise=eltwise, loss=float(metrics["total"]), gflops=
 """
 
 
-@pytest.mark.skipif(not xla_flags._jaxlib_version() or not xla_flags._jaxlib_version().startswith(
-    xla_flags.TESTED_JAXLIB), reason="the XLA:CPU defaults are only applied on the jaxlib they were tested with")
+@pytest.mark.skipif(not xla_flags.jaxlib_is_tested(),
+                    reason="the XLA:CPU defaults are only applied on the jaxlib they were tested with")
 def test_defaults_take_effect_and_change_results_only_by_summation_order(tmp_path):
     """Three feature-KD steps with and without the defaults: element-wise YNNPACK fusions only in the first, the
     same parameters and the same model FLOP count in both."""
@@ -101,9 +94,9 @@ def test_defaults_take_effect_and_change_results_only_by_summation_order(tmp_pat
     script.write_text(STEPS.format(tests=str(REPO / "tests")))
     results = {}
     for name, extra in (("on", {}), ("off", {xla_flags.OPT_OUT: "0"})):
-        env = subprocess_env(1, **extra)
-        if not extra:
-            env.pop(xla_flags.OPT_OUT, None)
+        env = subprocess_env(1)
+        env.pop(xla_flags.OPT_OUT, None)  # a user's opt-out must not turn the "on" run off
+        env.update(extra)
         proc = subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npz")], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
