@@ -1,8 +1,9 @@
 """Benchmark: one 3x3 convolution layer's three training passes (forward, input gradient, weight gradient).
 
 The train step's time is mostly convolutions; this splits one layer of it so a slow pass is found without a
-profiler, in JAX (XLA's compiled conv, whatever XLA_FLAGS / facekd_jax.xla_flags select) and, with --torch, in
-PyTorch on the same data (needs `pip install torch==2.13.0`).
+profiler, in JAX as facekd_jax's layers run it (oneDNN through XLA's FFI on a single CPU device,
+facekd_jax.models.onednn_conv; XLA's own convolution with FACEKD_ONEDNN=0, whatever XLA_FLAGS /
+facekd_jax.xla_flags select) and, with --torch, in PyTorch on the same data (needs `pip install torch==2.13.0`).
 
     python benchmarks/conv_layer.py [--batch=32] [--size=112] [--channels=16] [--stride=1] [--steps=5] [--torch]
 
@@ -50,7 +51,6 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax import lax
 
     n, s, c, stride = args.batch, args.size, args.channels, args.stride
     out = -(-s // stride)
@@ -60,8 +60,10 @@ def main(argv=None) -> None:
     dy_np = rng.standard_normal((n, out, out, c), dtype=np.float32)
     x, w, dy = jnp.asarray(x_np), jnp.asarray(w_np), jnp.asarray(dy_np)
 
-    def conv(x, w):
-        return lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+    from facekd_jax.models import onednn_conv
+
+    def conv(x, w):  # what facekd_jax.models.layers.conv runs
+        return onednn_conv.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     passes = {
@@ -70,7 +72,8 @@ def main(argv=None) -> None:
         "weight_grad": jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]),
     }
     gflop = 2.0 * n * out * out * 9 * c * c / 1e9  # each pass does the forward's multiply-adds
-    print(f"device: {jax.devices()[0].device_kind}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+    print(f"device: {jax.devices()[0].device_kind}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"convolution: {'oneDNN (FFI)' if onednn_conv.enabled() else 'XLA'}; "
           f"conv3x3 stride {stride}, [{n},{s},{s},{c}] -> [{n},{out},{out},{c}], {gflop:.2f} GFLOP per pass")
     results = {}
     for name, fn in passes.items():

@@ -1,0 +1,236 @@
+"""Convolutions through oneDNN on XLA:CPU: the kernels PyTorch runs on a CPU, for the same speed in JAX.
+
+XLA:CPU runs convolutions with Eigen (or YNNPACK), and with the 16 and 32 channels of resnet56's first stages
+those are 2-5x slower than oneDNN's (`python benchmarks/conv_layer.py --torch`; the weight gradient is the worst).
+Here the three passes of a convolution (forward, input gradient, weight gradient) call oneDNN through XLA's FFI
+(facekd_jax/models/onednn_conv.cc) with a `jax.custom_vjp`, so a train step on a CPU runs the same convolution
+kernels as PyTorch's; everything else stays XLA's. Results equal XLA's up to float summation order
+(tests/test_onednn_conv.py).
+
+`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`,
+as models/layers.py uses it). It takes the oneDNN path only where it is known to be right and faster, decided
+when the function is traced:
+- JAX's default backend is the CPU with a single device (what a CPU training run has). GPUs and TPUs, and
+  several (fake) CPU devices where a batch is sharded, get XLA's convolution: the custom call has no SPMD
+  partitioning rule;
+- 2-D NHWC x HWIO -> NHWC, no dilation, one feature group, float32 or bfloat16 operands of one dtype;
+- the library is available: the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels (pyproject pins them on
+  Linux x86-64), a C++ compiler (`c++`, or $CXX) and jaxlib's FFI headers. The handlers are compiled once, on
+  first use, into $FACEKD_CACHE_DIR (default ~/.cache/facekd_jax), keyed by the source and library versions;
+  a failed build logs why, once, and XLA's convolution is used;
+- not opted out: `FACEKD_ONEDNN=0` in the environment, or `with onednn_conv.disabled():` around the tracing
+  (models.summary does that to count FLOPs, which XLA's cost analysis cannot see inside a custom call).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax import lax
+
+OPT_OUT = "FACEKD_ONEDNN"
+SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+RUNTIME_DIST, HEADERS_DIST = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
+TARGETS = {"forward": ("facekd_onednn_conv_fwd", "FacekdOnednnConvFwd"),
+           "input_grad": ("facekd_onednn_conv_bwd_data", "FacekdOnednnConvBwdData"),
+           "weight_grad": ("facekd_onednn_conv_bwd_weights", "FacekdOnednnConvBwdWeights")}
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+_lock = threading.Lock()
+_state: dict = {}  # "available": bool once decided, "reason": why not
+_disabled = threading.local()
+
+
+class BuildError(RuntimeError):
+    """The oneDNN handlers could not be built or loaded (the message says why)."""
+
+
+def _dist_file(dist: str, suffix: str) -> pathlib.Path:
+    """The installed file of distribution `dist` whose path ends with `suffix`."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise BuildError(f"the {dist} wheel is not installed (pip install {dist}; pyproject pins it on Linux "
+                         "x86-64)") from None
+    for f in files:
+        if str(f).replace("\\", "/").endswith(suffix):
+            return pathlib.Path(f.locate()).resolve()
+    raise BuildError(f"the {dist} wheel has no file ending in {suffix}")
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("FACEKD_CACHE_DIR") or pathlib.Path.home() / ".cache" / "facekd_jax")
+
+
+def build(force: bool = False) -> pathlib.Path:
+    """Compiles onednn_conv.cc into the cache (once per source and library versions); returns the .so path."""
+    header = _dist_file(HEADERS_DIST, "oneapi/dnnl/dnnl.hpp")
+    include = header.parent.parent.parent
+    library = _dist_file(RUNTIME_DIST, "/libdnnl.so.3")
+    ffi_include = pathlib.Path(jax.ffi.include_dir())
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise BuildError("no C++ compiler found (install g++ or set CXX)")
+    key = hashlib.sha256(SOURCE.read_bytes())
+    for part in (importlib.metadata.version(RUNTIME_DIST), importlib.metadata.version("jaxlib"), cxx):
+        key.update(part.encode())
+    target = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic for racers
+        out = pathlib.Path(tmp) / target.name
+        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{ffi_include}",
+               f"-I{include}", str(SOURCE), str(library), f"-Wl,-rpath,{library.parent}", "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        os.replace(out, target)
+    return target
+
+
+def _load() -> None:
+    """Builds, loads and registers the FFI targets (once per process)."""
+    lib = ctypes.CDLL(str(build()))
+    for name, symbol in TARGETS.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+
+
+def available() -> bool:
+    """Whether the oneDNN handlers are built and registered in this process (builds them on the first call)."""
+    with _lock:
+        if "available" not in _state:
+            try:
+                _load()
+                _state.update(available=True, reason="")
+            except (BuildError, OSError, AttributeError) as e:
+                _state.update(available=False, reason=str(e))
+                logging.warning("facekd_jax: oneDNN convolutions unavailable, using XLA's: %s", e)
+        return _state["available"]
+
+
+def unavailable_reason() -> str:
+    available()
+    return _state["reason"]
+
+
+@contextlib.contextmanager
+def disabled():
+    """Traces inside this block use XLA's convolution (thread-local).
+
+    The choice is made when a function is traced, and jax.jit caches traces: jit a new function inside the block
+    (as models.summary does); one already traced outside keeps its convolutions.
+    """
+    before = getattr(_disabled, "on", False)
+    _disabled.on = True
+    try:
+        yield
+    finally:
+        _disabled.on = before
+
+
+def enabled() -> bool:
+    """Whether a convolution traced now, in this process and thread, would go to oneDNN (shape rules aside)."""
+    if getattr(_disabled, "on", False):
+        return False
+    if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    return available()
+
+
+def _pads(padding) -> tuple[tuple[int, int], tuple[int, int]]:
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _attrs(strides, padding) -> dict:
+    (pt, pb), (pl, pr) = padding
+    return {k: np.int64(v) for k, v in dict(sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr).items()}
+
+
+def _call(pass_name: str, shape, dtype, a, b, strides, padding):
+    name = TARGETS[pass_name][0]
+    return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")(
+        a, b, **_attrs(strides, padding))
+
+
+def _out_shape(x_shape, w_shape, strides, padding):
+    n, h, w, _ = x_shape
+    kh, kw, _, co = w_shape
+    return (n, (h + sum(padding[0]) - kh) // strides[0] + 1, (w + sum(padding[1]) - kw) // strides[1] + 1, co)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, w, strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]):
+    """oneDNN convolution: x [N,H,W,Ci], w [KH,KW,Ci,Co] -> [N,OH,OW,Co]; padding ((top, bottom), (left, right)).
+
+    No fallback: callers check `enabled()` (conv_general_dilated does).
+    """
+    return _call("forward", _out_shape(x.shape, w.shape, strides, padding), x.dtype, x, w, strides, padding)
+
+
+def _conv2d_fwd(x, w, strides, padding):
+    return conv2d(x, w, strides, padding), (x, w)
+
+
+def _conv2d_bwd(strides, padding, residuals, dy):
+    x, w = residuals
+    dy = dy.astype(x.dtype)
+    dx = _call("input_grad", x.shape, x.dtype, dy, w, strides, padding)
+    dw = _call("weight_grad", w.shape, w.dtype, x, dy, strides, padding)
+    return dx, dw
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+             feature_group_count) -> bool:
+    """Whether oneDNN's convolution computes exactly this `lax.conv_general_dilated` call."""
+    if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != rhs.dtype or lhs.dtype not in (np.float32, jax.numpy.bfloat16):
+        return False
+    if feature_group_count != 1 or any(d != 1 for d in (lhs_dilation or (1, 1))) or \
+            any(d != 1 for d in (rhs_dilation or (1, 1))):
+        return False
+    if dimension_numbers is None:
+        return False
+    want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want and \
+        all(int(s) >= 1 for s in window_strides)
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated` with oneDNN's kernels where `enabled()` and `supports(...)`, else XLA's."""
+    use = (enabled() and batch_group_count == 1 and preferred_element_type is None
+           and supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count))
+    if not use:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count,
+                                        batch_group_count=batch_group_count, precision=precision,
+                                        preferred_element_type=preferred_element_type)
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    padding = _pads(padding)
+    if any(p < 0 for pair in padding for p in pair) or min(_out_shape(lhs.shape, rhs.shape, strides, padding)) < 1:
+        return lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=dimension_numbers,
+                                        precision=precision)
+    return conv2d(lhs, rhs, strides, padding)
