@@ -12,11 +12,14 @@ model, batch, image size, embedding size, classes and dtype of the command line.
 
 Printed: compile time, median and mean ms/step over --steps timed steps (each step waited for with
 jax.block_until_ready after warm-up steps), images/s (= batch / median step time), XLA's FLOPs per step (cost
-analysis of the compiled step: forward + backward + update, teacher forward included; per device, as XLA compiles
-one program per device), achieved TFLOP/s per device, and `mfu=` (achieved / peak) when the device's peak is
-known (--peak-tflops, or the datasheet table below for GPUs/TPUs). XLA_FLAGS is printed too: it changes the CPU
-figures (see the README). Like facekd_jax.main, the benchmark adds facekd_jax.xla_flags.CPU_DEFAULTS (YNNPACK
-fusions on XLA:CPU) to XLA_FLAGS; FACEKD_XLA_CPU_DEFAULTS=0 times XLA:CPU's own code instead. With --teacher
+analysis of the step traced with XLA's convolutions: forward + backward + update, teacher forward included; per
+device, as XLA compiles one program per device), achieved TFLOP/s per device, and `mfu=` (achieved / peak) when
+the device's peak is known (--peak-tflops, or the datasheet table below for GPUs/TPUs). The CPU settings are
+printed too, as they change the CPU figures (see the README): like facekd_jax.main, the benchmark applies
+facekd_jax.xla_flags (YNNPACK fusions; a restart with glibc's transparent-huge-page tunable;
+FACEKD_XLA_CPU_DEFAULTS=0 turns both off), and convolutions on a single CPU device run in oneDNN
+(facekd_jax.models.onednn_conv; FACEKD_ONEDNN=0 times XLA's). With --torch in the same process, PyTorch runs under
+the same GLIBC_TUNABLES. With --teacher
 the plain step (same student, no teacher) is timed as well and `kd_overhead=` (KD step time / plain step time)
 printed. With --torch the same step in PyTorch (benchmarks/torch_reference.py) is timed first, in this process,
 then `jax_over_torch_eager=` (or `_compile`: JAX images/s / PyTorch images/s) and both frameworks' parameter
@@ -123,6 +126,7 @@ def build_step(args, with_teacher: bool):
 
     from facekd_jax import models
     from facekd_jax import train as train_lib
+    from facekd_jax.models import onednn_conv
 
     config = make_config(args, with_teacher)
     mesh = train_lib.make_mesh(1)
@@ -150,7 +154,12 @@ def build_step(args, with_teacher: bool):
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, teacher_variables).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
+    # FLOPs of the same step traced with XLA's convolutions (a oneDNN custom call has no cost analysis), counted
+    # before backend optimisation like models.model_summary. A second make_train_step: jit caches the first trace.
+    with onednn_conv.disabled():
+        counted = train_lib.make_train_step(config, student, teacher, tx, schedule, mesh, args.classes,
+                                            jax.tree.map(lambda a: a.sharding, abstract))
+        cost = counted.lower(state, batch, teacher_variables).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     info = dict(compile_s=compile_s, flops=float(cost.get("flops", 0.0)) if cost else 0.0,
                 params=models.count_params(state.params),
@@ -208,6 +217,11 @@ def main(argv=None) -> None:
     print(f"device: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    if jax.default_backend() == "cpu":
+        from facekd_jax.models import onednn_conv
+        on = onednn_conv.enabled()
+        why = "" if on else f" ({onednn_conv.unavailable_reason() or 'FACEKD_ONEDNN=0 or several devices'})"
+        print(f"cpu: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, oneDNN convolutions {on}{why}")
     print(f"step: {args.model} student{f' + {args.teacher} teacher (feature KD)' if args.teacher else ''}, "
           f"batch {args.batch}, {args.image_size}x{args.image_size}, embedding {args.embedding_size}, "
           f"{args.classes} classes, {args.dtype}, SGD momentum 0.9 wd 5e-4 clip 5; "
@@ -255,4 +269,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from facekd_jax import xla_flags
+    xla_flags.restart_with_huge_pages()  # first: glibc reads GLIBC_TUNABLES only at process start
     main()

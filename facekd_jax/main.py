@@ -72,4 +72,6 @@ def run():
 
 
 if __name__ == "__main__":
+    from facekd_jax import xla_flags
+    xla_flags.restart_with_huge_pages()  # first: glibc reads GLIBC_TUNABLES only at process start
     run()

@@ -219,4 +219,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from facekd_jax import xla_flags
+    xla_flags.restart_with_huge_pages()  # first: glibc reads GLIBC_TUNABLES only at process start
     main()

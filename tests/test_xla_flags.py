@@ -8,6 +8,7 @@ import pytest
 
 from runs import REPO, subprocess_env
 from facekd_jax import xla_flags
+from facekd_jax.models import onednn_conv
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
 
@@ -79,34 +80,114 @@ flat = {{jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_l
 fused = re.findall(r"calls=%([\\w.]+)[^\\n]*__ynn_fusion", hlo)
 bodies = [hlo.split("%" + name + " ", 1)[1].split("\\n}}", 1)[0] for name in fused]
 eltwise = sum(1 for body in bodies if re.search(r" (maximum|subtract)\\(", body))
+onednn = hlo.count('custom_call_target="facekd_onednn_conv')
 from facekd_jax.models import model_summary
 gflops = model_summary("resnet20", image_size=32)["gflops"]
-np.savez(sys.argv[1], ynn_eltwise=eltwise, loss=float(metrics["total"]), gflops=gflops, **flat)
+np.savez(sys.argv[1], ynn_eltwise=eltwise, onednn=onednn, loss=float(metrics["total"]), gflops=gflops, **flat)
 """
 
 
 @pytest.mark.skipif(not xla_flags.jaxlib_is_tested(),
                     reason="the XLA:CPU defaults are only applied on the jaxlib they were tested with")
 def test_defaults_take_effect_and_change_results_only_by_summation_order(tmp_path):
-    """Three feature-KD steps with and without the defaults: element-wise YNNPACK fusions only in the first, the
-    same parameters and the same model FLOP count in both."""
+    """Three feature-KD steps on one CPU device as facekd_jax.main runs them (XLA:CPU defaults, oneDNN
+    convolutions), with XLA's convolutions only, and with neither: element-wise YNNPACK fusions only with the
+    defaults, oneDNN custom calls only where not opted out, and the same parameters and model FLOPs in all three."""
     script = tmp_path / "steps.py"
     script.write_text(STEPS.format(tests=str(REPO / "tests")))
     results = {}
-    for name, extra in (("on", {}), ("off", {xla_flags.OPT_OUT: "0"})):
+    runs = {"on": {}, "xla_conv": {onednn_conv.OPT_OUT: "0"},
+            "off": {xla_flags.OPT_OUT: "0", onednn_conv.OPT_OUT: "0"}}
+    for name, extra in runs.items():
         env = subprocess_env(1)
-        env.pop(xla_flags.OPT_OUT, None)  # a user's opt-out must not turn the "on" run off
+        for key in (xla_flags.OPT_OUT, onednn_conv.OPT_OUT):
+            env.pop(key, None)  # a user's opt-out must not turn the "on" run off
         env.update(extra)
         proc = subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npz")], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = dict(np.load(tmp_path / f"{name}.npz"))
-    on, off = results["on"], results["off"]
-    eltwise_on, eltwise_off = int(on.pop("ynn_eltwise")), int(off.pop("ynn_eltwise"))
-    assert eltwise_on >= eltwise_off + 10, (eltwise_on, eltwise_off)  # 20 vs 1 with jaxlib 0.10.2
-    # A model's FLOPs do not depend on which library XLA:CPU fuses with (they did when counted after compiling).
-    assert on.pop("gflops") == off.pop("gflops")
-    assert np.isfinite(on["loss"]) and on["loss"] == pytest.approx(off["loss"], rel=1e-4)
-    assert on.keys() == off.keys()
-    for key in on:
-        np.testing.assert_allclose(on[key], off[key], rtol=1e-3, atol=1e-5, err_msg=key)
+    eltwise = {name: int(r.pop("ynn_eltwise")) for name, r in results.items()}
+    assert eltwise["xla_conv"] >= eltwise["off"] + 10, eltwise  # 20 vs 1 with jaxlib 0.10.2
+    assert eltwise["on"] >= eltwise["off"] + 10, eltwise
+    onednn = {name: int(r.pop("onednn")) for name, r in results.items()}
+    assert onednn["xla_conv"] == onednn["off"] == 0, onednn
+    if onednn_conv.available():
+        # resnet8 student and teacher, 9 convolutions each: the student's 3 passes (less the stem's input
+        # gradient, which nothing uses) and the frozen teacher's forward
+        assert onednn["on"] == (3 * 9 - 1) + 9, onednn
+    off = results.pop("off")
+    for name, r in results.items():
+        # A model's FLOPs do not depend on which library XLA:CPU fuses with (they did when counted after
+        # compiling), nor on oneDNN (counted with XLA's convolutions).
+        assert r.pop("gflops") == off["gflops"], name
+        assert np.isfinite(r["loss"]) and r["loss"] == pytest.approx(off["loss"], rel=1e-4), name
+        assert r.keys() == off.keys() - {"gflops"}, name
+        for key in r:
+            np.testing.assert_allclose(r[key], off[key], rtol=1e-3, atol=1e-5, err_msg=f"{name}: {key}")
+
+
+RESTART = """
+import os, sys
+print("pid", os.getpid(), flush=True)
+from facekd_jax import xla_flags
+xla_flags.restart_with_huge_pages()
+print("tunables", os.environ.get("GLIBC_TUNABLES", ""), flush=True)
+"""
+
+
+def _run(code, env, timeout=120):
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.splitlines()
+
+
+def test_restart_adds_the_huge_page_tunable_once_and_keeps_the_users():
+    env = subprocess_env(1)
+    env.pop(xla_flags.OPT_OUT, None)
+    env["GLIBC_TUNABLES"] = "glibc.malloc.tcache_count=8"  # the user's own: kept
+    if not xla_flags.huge_pages_wanted(dict(env, GLIBC_TUNABLES="")):
+        lines = _run(RESTART, env)
+        assert lines == [lines[0], "tunables glibc.malloc.tcache_count=8"]  # nothing to gain here: no restart
+        pytest.skip("no transparent huge pages or glibc < 2.35 here: the restart is rightly skipped")
+    lines = _run(RESTART, env)
+    # the same process (exec keeps the pid) ran the script twice: before and after the restart
+    assert [line.split()[0] for line in lines] == ["pid", "pid", "tunables"] and lines[0] == lines[1]
+    assert lines[2] == "tunables glibc.malloc.tcache_count=8:" + xla_flags.HUGE_PAGES_TUNABLE
+    for name, value in ((xla_flags.OPT_OUT, "0"), ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0"),
+                        ("JAX_PLATFORMS", "cuda")):
+        lines = _run(RESTART, dict(env, **{name: value}))
+        assert len(lines) == 2 and "hugetlb=1" not in lines[1], (name, lines)  # opted out / user's / not CPU
+
+
+FAULTS = """
+import resource
+import jax, jax.numpy as jnp
+from jax import lax
+
+def loss(w, x):  # activations kept for the backward pass: XLA's temporary buffer is about 200 MB
+    for i in range(4):
+        x = jnp.tanh(lax.conv_general_dilated(x, w[i], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return jnp.sum(x)
+
+step = jax.jit(jax.grad(loss))
+w, x = jnp.full((4, 3, 3, 8, 8), 0.05), jnp.ones((32, 128, 128, 8))
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(w, x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not xla_flags.huge_pages_wanted({"GLIBC_TUNABLES": ""}),
+                    reason="no transparent huge pages or glibc < 2.35 on this machine")
+def test_huge_pages_remove_the_per_step_page_faults():
+    """Each step's fresh temporary buffer faults in 4 KiB pages without the tunable, in 2 MiB pages with it."""
+    env = subprocess_env(1)
+    env.pop("GLIBC_TUNABLES", None)
+    without = int(_run(FAULTS, env, timeout=300)[-1])
+    with_ = int(_run(FAULTS, xla_flags.with_huge_pages(dict(env)), timeout=300)[-1])
+    assert without > 20_000 and with_ < without / 10, (without, with_)  # 3 steps: ~120k vs ~1k here
