@@ -8,7 +8,7 @@ facekd_jax.xla_flags select) and, with --torch, in PyTorch on the same data (nee
     python benchmarks/conv_layer.py [--batch=32] [--size=112] [--channels=16] [--stride=1] [--steps=5] [--torch]
 
 Defaults: resnet56's first stage at 112x112 (16 channels), batch 32. Printed per pass: median ms over --steps
-runs after one warm-up, and GFLOP/s (2 * MACs of the pass / time). The input and weight gradients in JAX are
+runs after three warm-up runs, and GFLOP/s (2 * MACs of the pass / time). The input and weight gradients in JAX are
 checked against each other's framework when --torch is given (max relative difference printed). Last line:
 `weight_grad_ms=<float>` (JAX).
 """
@@ -33,7 +33,8 @@ def parse_args(argv=None):
 
 
 def _time(fn, steps):
-    fn()  # warm-up (and compilation)
+    for _ in range(3):  # warm-up: compilation, and oneDNN's first calls (kernel generation, thread start) ran 2-3x slow
+        fn()
     times = []
     for _ in range(steps):
         t = time.perf_counter()

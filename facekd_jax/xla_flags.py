@@ -7,7 +7,9 @@ weight-gradient convolution) in its own code, and those took most of the step.
 replacing the default list, leaves convolutions to XLA's Eigen kernels, which were faster here): resnet56's
 112x112 float32 train step at batch 32 runs about 1.7x faster on this project's 2-core CPU
 (`python benchmarks/train_step.py`, figures in the README), with the same results up to float summation order
-(tests/test_xla_flags.py trains with and without the flag and compares).
+(tests/test_xla_flags.py trains with and without the flag and compares). Where convolutions run in oneDNN
+instead (models/onednn_conv.py, the default on a single-device CPU with its wheel installed) the element-wise
+fusions cost more than they save, and `dot,reduce` is added instead (CPU_DEFAULTS_WITH_ONEDNN).
 
 The flags touch only XLA's CPU backend; programs on a GPU or TPU are compiled exactly as before. XLA reads
 XLA_FLAGS once, when JAX creates its first backend, so `apply_cpu_defaults()` must run before the first JAX
@@ -39,8 +41,14 @@ import sys
 import warnings
 from typing import MutableMapping, Optional
 
-# flag name -> value. With "individual_convolution" added (YNNPACK convolutions too) the step was 10-18% slower.
+# flag name -> value, for XLA's own convolutions. With "individual_convolution" added (YNNPACK convolutions too)
+# the step was 10-18% slower.
 CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot,eltwise,reduce"}
+# With oneDNN's convolutions (models/onednn_conv.py) element-wise YNNPACK fusions cost more than they save: XLA
+# materialises each batch-norm broadcast for them, a full-size write per layer. resnet56 train step: 15.0-15.4
+# images/s with these vs 13.9-14.3 with CPU_DEFAULTS (alternating runs).
+CPU_DEFAULTS_WITH_ONEDNN = {"xla_cpu_experimental_ynn_fusion_type": "dot,reduce"}
+ONEDNN_OPT_OUT = "FACEKD_ONEDNN"  # models.onednn_conv.OPT_OUT (that module imports JAX; this one must not)
 TESTED_JAXLIB = "0.10."  # the jaxlib minor version that knows these flag names
 OPT_OUT = "FACEKD_XLA_CPU_DEFAULTS"
 
@@ -131,8 +139,26 @@ def restart_with_huge_pages() -> None:
     os.execv(sys.executable, sys.orig_argv)
 
 
+def onednn_expected(environ: Optional[MutableMapping[str, str]] = None) -> bool:
+    """Whether convolutions will likely run in oneDNN (models/onednn_conv.py), judged before JAX starts: not opted
+    out, its wheel installed, and no more than one forced host device in XLA_FLAGS."""
+    environ = os.environ if environ is None else environ
+    if environ.get(ONEDNN_OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    for token in environ.get("XLA_FLAGS", "").split():
+        name, _, value = token.lstrip("-").partition("=")
+        if name == "xla_force_host_platform_device_count" and value.strip() not in ("", "1"):
+            return False
+    try:
+        importlib.metadata.version("onednn-cpu-gomp")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def apply_cpu_defaults(environ: Optional[MutableMapping[str, str]] = None) -> list[str]:
-    """Appends CPU_DEFAULTS to XLA_FLAGS in `environ` (default os.environ); returns the flags it added.
+    """Appends CPU_DEFAULTS (CPU_DEFAULTS_WITH_ONEDNN where onednn_expected()) to XLA_FLAGS in `environ` (default
+    os.environ); returns the flags it added.
 
     Adds nothing when OPT_OUT is 0/false/no/off, for a flag XLA_FLAGS already names, for a jaxlib other than
     TESTED_JAXLIB, or (with a warning, for os.environ) when JAX has already started a backend.
@@ -145,7 +171,8 @@ def apply_cpu_defaults(environ: Optional[MutableMapping[str, str]] = None) -> li
         return []
     current = environ.get("XLA_FLAGS", "")
     named = {token.lstrip("-").split("=", 1)[0] for token in current.split()}
-    added = [f"--{name}={value}" for name, value in CPU_DEFAULTS.items() if name not in named]
+    defaults = CPU_DEFAULTS_WITH_ONEDNN if onednn_expected(environ) else CPU_DEFAULTS
+    added = [f"--{name}={value}" for name, value in defaults.items() if name not in named]
     if not added:
         return []
     if use_os and _backends_started():

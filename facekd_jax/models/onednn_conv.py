@@ -41,7 +41,9 @@ import jax
 import numpy as np
 from jax import lax
 
-OPT_OUT = "FACEKD_ONEDNN"
+from facekd_jax import xla_flags
+
+OPT_OUT = xla_flags.ONEDNN_OPT_OUT  # "FACEKD_ONEDNN"
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 RUNTIME_DIST, HEADERS_DIST = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 TARGETS = {"forward": ("facekd_onednn_conv_fwd", "FacekdOnednnConvFwd"),
