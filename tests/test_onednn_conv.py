@@ -130,6 +130,10 @@ def test_several_devices_disabled_block_and_opt_out_use_xla(monkeypatch):
         # a new function to jit: jit's cache would hand back the trace made above with XLA's convolution
         assert "facekd_onednn_conv_fwd" in jax.jit(lambda x, w: conv(x, w)).lower(x, w).as_text()
         np.testing.assert_allclose(jax.jit(lambda x, w: conv(x, w))(x, w), _reference(x, w, (1, 1), ((1, 1), (1, 1))), rtol=1e-6)
+        cropped = lambda x, w: onednn_conv.conv_general_dilated(x, w, (1, 1), ((-1, 0), (1, 1)),
+                                                                dimension_numbers=NHWC)
+        assert "facekd_onednn" not in jax.jit(cropped).lower(x, w).as_text()  # negative padding: XLA's
+        np.testing.assert_allclose(jax.jit(cropped)(x, w), _reference(x, w, (1, 1), ((-1, 0), (1, 1))))
     with onednn_conv.disabled():
         assert not onednn_conv.enabled()
         assert "facekd_onednn" not in jax.jit(lambda x, w: conv(x, w)).lower(x, w).as_text()

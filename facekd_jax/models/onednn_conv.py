@@ -78,7 +78,7 @@ def cache_dir() -> pathlib.Path:
 
 
 def build(force: bool = False) -> pathlib.Path:
-    """Compiles onednn_conv.cc into the cache (once per source and library versions); returns the .so path."""
+    """Compiles onednn_conv.cc into the cache (once per source, library versions and command); returns the .so."""
     header = _dist_file(HEADERS_DIST, "oneapi/dnnl/dnnl.hpp")
     include = header.parent.parent.parent
     library = _dist_file(RUNTIME_DIST, "/libdnnl.so.3")
@@ -86,8 +86,10 @@ def build(force: bool = False) -> pathlib.Path:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
         raise BuildError("no C++ compiler found (install g++ or set CXX)")
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{ffi_include}", f"-I{include}", str(SOURCE),
+           str(library), f"-Wl,-rpath,{library.parent}"]
     key = hashlib.sha256(SOURCE.read_bytes())
-    for part in (importlib.metadata.version(RUNTIME_DIST), importlib.metadata.version("jaxlib"), cxx):
+    for part in (importlib.metadata.version(RUNTIME_DIST), importlib.metadata.version("jaxlib"), *cmd):
         key.update(part.encode())
     target = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
     if target.exists() and not force:
@@ -95,8 +97,7 @@ def build(force: bool = False) -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic for racers
         out = pathlib.Path(tmp) / target.name
-        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{ffi_include}",
-               f"-I{include}", str(SOURCE), str(library), f"-Wl,-rpath,{library.parent}", "-o", str(out)]
+        cmd += ["-o", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise BuildError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
@@ -219,20 +220,19 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
     """`lax.conv_general_dilated` with oneDNN's kernels where `enabled()` and `supports(...)`, else XLA's."""
-    use = (enabled() and batch_group_count == 1 and preferred_element_type is None
-           and supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                        feature_group_count))
-    if not use:
+    strides = tuple(int(s) for s in window_strides)
+    pads = None
+    if (enabled() and batch_group_count == 1 and preferred_element_type is None
+            and supports(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                         feature_group_count)):
+        pads = _pads(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+                     if isinstance(padding, str) else padding)
+        if any(p < 0 for pair in pads for p in pair) or min(_out_shape(lhs.shape, rhs.shape, strides, pads)) < 1:
+            pads = None  # cropping or an empty output: XLA's
+    if pads is None:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count,
                                         batch_group_count=batch_group_count, precision=precision,
                                         preferred_element_type=preferred_element_type)
-    strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    padding = _pads(padding)
-    if any(p < 0 for pair in padding for p in pair) or min(_out_shape(lhs.shape, rhs.shape, strides, padding)) < 1:
-        return lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=dimension_numbers,
-                                        precision=precision)
-    return conv2d(lhs, rhs, strides, padding)
+    return conv2d(lhs, rhs, strides, pads)
