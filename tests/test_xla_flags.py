@@ -207,4 +207,6 @@ def test_huge_pages_remove_the_per_step_page_faults():
     env.pop("GLIBC_TUNABLES", None)
     without = int(_run(FAULTS, env, timeout=300)[-1])
     with_ = int(_run(FAULTS, xla_flags.with_huge_pages(dict(env)), timeout=300)[-1])
-    assert without > 20_000 and with_ < without / 10, (without, with_)  # 3 steps: ~120k vs ~1k here
+    # 3 steps: 123k vs 1k faults on an idle machine, 123k vs 26k beside another test worker (the kernel then
+    # finds fewer free 2 MiB pages); a mistyped tunable would leave them equal
+    assert without > 20_000 and with_ < without / 2, (without, with_)
