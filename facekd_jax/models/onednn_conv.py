@@ -35,7 +35,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
