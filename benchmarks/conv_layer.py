@@ -65,7 +65,7 @@ def main(argv=None) -> None:
 
     def conv(x, w):  # what facekd_jax.models.layers.conv runs
         return onednn_conv.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     passes = {
         "forward": jax.jit(conv),

@@ -48,7 +48,8 @@ CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot,eltwise,reduce"}
 # materialises each batch-norm broadcast for them, a full-size write per layer. resnet56 train step: 15.0-15.4
 # images/s with these vs 13.9-14.3 with CPU_DEFAULTS (alternating runs).
 CPU_DEFAULTS_WITH_ONEDNN = {"xla_cpu_experimental_ynn_fusion_type": "dot,reduce"}
-ONEDNN_OPT_OUT = "FACEKD_ONEDNN"  # models.onednn_conv.OPT_OUT (that module imports JAX; this one must not)
+# models.onednn_conv.OPT_OUT and RUNTIME_DIST, here because that module imports JAX and this one must not
+ONEDNN_OPT_OUT, ONEDNN_DIST = "FACEKD_ONEDNN", "onednn-cpu-gomp"
 TESTED_JAXLIB = "0.10."  # the jaxlib minor version that knows these flag names
 OPT_OUT = "FACEKD_XLA_CPU_DEFAULTS"
 
@@ -79,8 +80,19 @@ _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_pl
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _opted_out(environ) -> bool:
-    return environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off")
+def opted_out(name: str = OPT_OUT, environ: Optional[MutableMapping[str, str]] = None) -> bool:
+    """Whether environment variable `name` (default OPT_OUT) is 0/false/no/off in `environ` (default os.environ)."""
+    environ = os.environ if environ is None else environ
+    return environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _xla_flags(environ) -> dict[str, str]:
+    """XLA_FLAGS in `environ` as {flag name: value}."""
+    flags = {}
+    for token in environ.get("XLA_FLAGS", "").split():
+        name, _, value = token.lstrip("-").partition("=")
+        flags[name] = value
+    return flags
 
 
 def cpu_backend_expected(environ: Optional[MutableMapping[str, str]] = None) -> bool:
@@ -112,7 +124,7 @@ def huge_pages_wanted(environ: Optional[MutableMapping[str, str]] = None) -> boo
     """Whether restart_with_huge_pages() would restart this process (see the module docstring)."""
     environ = os.environ if environ is None else environ
     named = {item.split("=", 1)[0] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item}
-    return (sys.platform.startswith("linux") and not _opted_out(environ) and _glibc_version() >= (2, 35)
+    return (sys.platform.startswith("linux") and not opted_out(OPT_OUT, environ) and _glibc_version() >= (2, 35)
             and _thp_available() and HUGE_PAGES_TUNABLE.split("=", 1)[0] not in named
             and cpu_backend_expected(environ))
 
@@ -143,14 +155,12 @@ def onednn_expected(environ: Optional[MutableMapping[str, str]] = None) -> bool:
     """Whether convolutions will likely run in oneDNN (models/onednn_conv.py), judged before JAX starts: not opted
     out, its wheel installed, and no more than one forced host device in XLA_FLAGS."""
     environ = os.environ if environ is None else environ
-    if environ.get(ONEDNN_OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if opted_out(ONEDNN_OPT_OUT, environ):
         return False
-    for token in environ.get("XLA_FLAGS", "").split():
-        name, _, value = token.lstrip("-").partition("=")
-        if name == "xla_force_host_platform_device_count" and value.strip() not in ("", "1"):
-            return False
+    if _xla_flags(environ).get("xla_force_host_platform_device_count", "1").strip() not in ("", "1"):
+        return False
     try:
-        importlib.metadata.version("onednn-cpu-gomp")
+        importlib.metadata.version(ONEDNN_DIST)
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
@@ -165,12 +175,12 @@ def apply_cpu_defaults(environ: Optional[MutableMapping[str, str]] = None) -> li
     """
     use_os = environ is None
     environ = os.environ if use_os else environ
-    if _opted_out(environ):
+    if opted_out(OPT_OUT, environ):
         return []
     if not jaxlib_is_tested():
         return []
     current = environ.get("XLA_FLAGS", "")
-    named = {token.lstrip("-").split("=", 1)[0] for token in current.split()}
+    named = _xla_flags(environ)
     defaults = CPU_DEFAULTS_WITH_ONEDNN if onednn_expected(environ) else CPU_DEFAULTS
     added = [f"--{name}={value}" for name, value in defaults.items() if name not in named]
     if not added:

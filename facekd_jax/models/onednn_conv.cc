@@ -2,7 +2,6 @@
 // gradient of an NHWC x HWIO -> NHWC convolution (any kernel size, stride and explicit padding, no dilation, one
 // group), float32 or bfloat16. Built and registered by facekd_jax/models/onednn_conv.py, which documents why.
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -39,10 +38,14 @@ struct Geometry {
   memory::dims PadL() const { return {pt, pl}; }
   memory::dims PadR() const { return {pb, pr}; }
   dnnl::convolution_forward::primitive_desc Forward(memory::desc weights) const {
+    return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+            Src(), weights, Dst(), Strides(), PadL(), PadR(), UserScratchpad()};
+  }
+  // Scratch memory comes from the caller (Scratch below), so one primitive can run on two threads at once.
+  static dnnl::primitive_attr UserScratchpad() {
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-            Src(), weights, Dst(), Strides(), PadL(), PadR(), attr};
+    return attr;
   }
 };
 
@@ -66,8 +69,7 @@ std::shared_ptr<Plan> MakePlan(char kind, const Geometry& g) {
   auto plan = std::make_shared<Plan>();
   auto any = g.Weights(tag::any);
   auto fwd = g.Forward(any);
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto attr = Geometry::UserScratchpad();
   if (kind == 'f') {
     plan->prim = dnnl::convolution_forward(fwd);
     plan->weights = fwd.weights_desc();
@@ -146,14 +148,13 @@ ffi::Error Run(char kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
     memory scratch(plan->scratchpad, Engine(), Scratch(0, plan->scratchpad.get_size()));
     memory user_w(g.Weights(), Engine(), kind == 'f' || kind == 'd' ? b.untyped_data() : out->untyped_data());
     memory prim_w = plan->reorder ? memory(plan->weights, Engine(), Scratch(1, plan->weights.get_size())) : user_w;
+    if (plan->reorder && kind != 'w') plan->weights_reorder.execute(stream, user_w, prim_w);
     if (kind == 'f') {
-      if (plan->reorder) plan->weights_reorder.execute(stream, user_w, prim_w);
       plan->prim.execute(stream, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), a.untyped_data())},
                                   {DNNL_ARG_WEIGHTS, prim_w},
                                   {DNNL_ARG_DST, memory(g.Dst(), Engine(), out->untyped_data())},
                                   {DNNL_ARG_SCRATCHPAD, scratch}});
     } else if (kind == 'd') {
-      if (plan->reorder) plan->weights_reorder.execute(stream, user_w, prim_w);
       plan->prim.execute(stream, {{DNNL_ARG_DIFF_DST, memory(g.Dst(), Engine(), a.untyped_data())},
                                   {DNNL_ARG_WEIGHTS, prim_w},
                                   {DNNL_ARG_DIFF_SRC, memory(g.Src(), Engine(), out->untyped_data())},

@@ -45,7 +45,7 @@ from facekd_jax import xla_flags
 
 OPT_OUT = xla_flags.ONEDNN_OPT_OUT  # "FACEKD_ONEDNN"
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
-RUNTIME_DIST, HEADERS_DIST = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
+RUNTIME_DIST, HEADERS_DIST = xla_flags.ONEDNN_DIST, "onednn-devel-cpu-gomp"
 TARGETS = {"forward": ("facekd_onednn_conv_fwd", "FacekdOnednnConvFwd"),
            "input_grad": ("facekd_onednn_conv_bwd_data", "FacekdOnednnConvBwdData"),
            "weight_grad": ("facekd_onednn_conv_bwd_weights", "FacekdOnednnConvBwdWeights")}
@@ -149,7 +149,7 @@ def enabled() -> bool:
     """Whether a convolution traced now, in this process and thread, would go to oneDNN (shape rules aside)."""
     if getattr(_disabled, "on", False):
         return False
-    if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if xla_flags.opted_out(OPT_OUT):
         return False
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         return False
