@@ -151,3 +151,94 @@ def test_a_failed_build_names_the_cause(monkeypatch, tmp_path):
     with pytest.raises(onednn_conv.BuildError, match="compiling onednn_conv.cc failed"):
         onednn_conv.build()
     assert list(tmp_path.iterdir()) == []  # nothing half-written left in the cache
+
+
+# --- the fused training-mode batch norm (layers.BatchNorm's fast path) ---
+
+def _bn_reference(x, scale, bias, residual, relu):
+    """float64 y = [relu](BN(x) [+ residual]) with the biased batch variance, as torch/flax train mode."""
+    mean = x.mean((0, 1, 2))
+    var = ((x - mean) ** 2).mean((0, 1, 2))
+    y = (x - mean) / np.sqrt(var + 1e-5) * scale + bias
+    if residual is not None:
+        y = y + residual
+    return (np.maximum(y, 0) if relu else y), mean, var
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", ["none", "relu", "add_relu"])
+@pytest.mark.parametrize("shape", [(4, 9, 7, 16), (3, 5, 6, 13)])  # a vector width of channels, and an odd one
+def test_batch_norm_forward_and_gradients_match_float64(mode, shape):
+    rng = np.random.default_rng(len(mode) + shape[-1])
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1  # a mean away from 0 exercises the variance
+    scale, bias = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
+    residual = rng.standard_normal(shape).astype(np.float32) if mode == "add_relu" else None
+    dy = rng.standard_normal(shape).astype(np.float32)
+    relu = mode != "none"
+
+    @jax.jit
+    def run(x, scale, bias, residual, dy):
+        (y, mean, var), vjp = jax.vjp(
+            lambda *a: onednn_conv.batch_norm_train(*a, epsilon=1e-5, relu=relu), x, scale, bias, residual)
+        return y, mean, var, vjp((dy, jnp.zeros_like(mean), jnp.zeros_like(var)))
+
+    y, mean, var, grads = run(x, scale, bias, residual, dy)
+    f64 = lambda a: None if a is None else np.asarray(a, np.float64)
+    y_ref, mean_ref, var_ref = _bn_reference(f64(x), f64(scale), f64(bias), f64(residual), relu)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-5)
+    # float64 gradients by the textbook formulas: g = dy where the output's pre-activation > 0,
+    # dx = scale / std * (g - mean(g) - xhat * mean(g * xhat)), dscale = sum(g * xhat), dbias = sum(g), dr = g.
+    x64, dy64 = f64(x), f64(dy)
+    xhat = (x64 - mean_ref) / np.sqrt(var_ref + 1e-5)
+    pre = xhat * f64(scale) + f64(bias) + (f64(residual) if residual is not None else 0.0)
+    g = dy64 * (pre > 0) if relu else dy64
+    want = [f64(scale) / np.sqrt(var_ref + 1e-5) * (g - g.mean((0, 1, 2)) - xhat * (g * xhat).mean((0, 1, 2))),
+            (g * xhat).sum((0, 1, 2)), g.sum((0, 1, 2))] + ([g] if residual is not None else [])
+    for name, got, ref in zip(["x", "scale", "bias", "residual"], grads, want):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()), err_msg=name)
+    if residual is None:
+        assert grads[3] is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("fuse", ["plain", "relu", "residual"])
+def test_batch_norm_module_equals_flax_batch_norm(fuse, monkeypatch):
+    """layers.BatchNorm's fast path: the same variables, outputs, running statistics and gradients as
+    nn.BatchNorm followed by the add and ReLU (its own fallback, taken inside onednn_conv.disabled())."""
+    from facekd_jax.models import layers
+
+    monkeypatch.setattr(onednn_conv, "enabled", lambda: not getattr(onednn_conv._disabled, "on", False))  # 8 fake
+    # devices in this process turn the fast path off; one device is what it is for
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((4, 6, 6, 8), dtype=np.float32) * 2 + 0.5)
+    r = jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32)) if fuse == "residual" else None
+    kwargs = dict(relu=fuse != "plain", residual=r)
+    bn = layers.batch_norm(train=True, dtype=jnp.float32)
+    with onednn_conv.disabled():
+        variables = bn.init(jax.random.PRNGKey(0), x, **kwargs)
+    variables = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size, dtype=a.dtype), variables)
+
+    def loss(params, x):
+        y, updates = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, **kwargs,
+                              mutable=["batch_stats"])
+        return jnp.sum(y * jnp.cos(y)), (y, updates)
+
+    fast = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    with onednn_conv.disabled():
+        slow = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+        want = slow(variables["params"], x)
+    assert "facekd_batch_norm_fwd" in fast.lower(variables["params"], x).compile().as_text()
+    assert "facekd_batch_norm_fwd" not in slow.lower(variables["params"], x).compile().as_text()
+    got = fast(variables["params"], x)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_batch_norm_rejects_a_residual_without_relu():
+    with pytest.raises(ValueError, match="residual"):
+        onednn_conv.batch_norm_train(jnp.ones((1, 2, 2, 3)), jnp.ones(3), jnp.zeros(3), jnp.ones((1, 2, 2, 3)),
+                                     epsilon=1e-5, relu=False)

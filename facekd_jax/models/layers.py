@@ -47,7 +47,45 @@ def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str
     )
 
 
-def batch_norm(train: bool, *, dtype: Dtype, use_scale: bool = True, name: str | None = None) -> nn.BatchNorm:
+class BatchNorm(nn.BatchNorm):
+    """flax's ``nn.BatchNorm`` (same variables, same results) that can fuse the ReLU, or the residual add and ReLU,
+    that follow it: ``bn(x, residual=r, relu=True) == relu(bn(x) + r)``.
+
+    In train mode on a single-device CPU with float32 NHWC input, the normalisation with what it fuses, and its
+    gradient, run as two-pass C++ kernels (models/onednn_conv.py's `batch_norm_train`, under the rules and
+    opt-outs of its oneDNN convolutions). A residual block's output then comes out of a custom call, which stops
+    XLA:CPU from recomputing the whole chain of earlier blocks' BN-add-ReLU inside each later fusion (it did: up
+    to 10 layers per fusion in resnet56). Elsewhere it is ``nn.BatchNorm`` followed by the add and ReLU.
+    """
+
+    @nn.compact
+    def __call__(self, x, residual=None, relu: bool = False, use_running_average: bool | None = None):
+        if residual is not None and not relu:
+            raise ValueError("BatchNorm: a residual is only fused together with relu=True")
+        eval_mode = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if (eval_mode or x.ndim != 4 or self.axis not in (-1, 3) or x.dtype != jnp.float32
+                or self.dtype not in (None, jnp.float32) or not self.use_bias
+                or (residual is not None and residual.dtype != jnp.float32)
+                or not onednn_conv.enabled()):
+            y = super().__call__(x, use_running_average=use_running_average)
+            if residual is not None:
+                y = y + residual
+            return nn.relu(y) if relu else y
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+        scale = (self.param("scale", self.scale_init, (c,), self.param_dtype) if self.use_scale
+                 else jnp.ones((c,), jnp.float32))
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        y, mean, var = onednn_conv.batch_norm_train(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                                                    residual, epsilon=self.epsilon, relu=relu)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
+def batch_norm(train: bool, *, dtype: Dtype, use_scale: bool = True, name: str | None = None) -> BatchNorm:
     """BatchNorm over the last axis with torch's eps/momentum; batch statistics in train mode only.
 
     Statistics are reduced in float32 even for bfloat16 compute (flax's ``force_float32_reductions``).
@@ -55,8 +93,9 @@ def batch_norm(train: bool, *, dtype: Dtype, use_scale: bool = True, name: str |
     One difference from torch: the running variance is updated with the biased batch variance (torch uses
     the unbiased one), negligible at face-training batch sizes.
     Shapes: [..., C] -> [..., C]; variables params/{scale, bias} [C], batch_stats/{mean, var} [C].
+    Call it as ``bn(x)``, or ``bn(x, relu=True)`` / ``bn(x, residual=r, relu=True)`` to fuse what follows.
     """
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,

@@ -1,6 +1,12 @@
 // 2-D convolutions for XLA:CPU through oneDNN, as three XLA FFI handlers: forward, input gradient and weight
 // gradient of an NHWC x HWIO -> NHWC convolution (any kernel size, stride and explicit padding, no dilation, one
-// group), float32 or bfloat16. Built and registered by facekd_jax/models/onednn_conv.py, which documents why.
+// group), float32 or bfloat16. Then the training-mode batch norm that sits between them, fused with its ReLU or
+// residual add and ReLU (plain C++/OpenMP loops, forward and backward). Built and registered by
+// facekd_jax/models/onednn_conv.py, which documents why.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -188,8 +194,190 @@ ffi::Error BwdData(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffe
 ffi::Error BwdWeights(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> o, int64_t sh, int64_t sw,
                       int64_t pt, int64_t pb, int64_t pl, int64_t pr) { return Run('w', a, b, o, sh, sw, pt, pb, pl, pr); }
 
+// ---- Batch normalisation in training mode (batch statistics) fused with what follows it in a ResNet: nothing
+// (mode 0), ReLU (mode 1) or a residual add and ReLU (mode 2): y = relu(BN(x) + r). NHWC float32 viewed as
+// [rows = N*H*W, C]. Memory-bound loops, two passes each way (oneDNN's batch norm cannot fuse the residual add
+// on a CPU; with a separate add-ReLU pass it was slower than these loops). The ReLU mask of the
+// backward pass is read from the forward's output y (y > 0 exactly where the pre-activation is).
+struct Rows {
+  int64_t begin, end;
+};
+
+Rows ThreadRows(int64_t rows) {
+  int t = omp_get_thread_num(), nt = omp_get_num_threads();
+  int64_t per = (rows + nt - 1) / nt;
+  return {std::min<int64_t>(rows, t * per), std::min<int64_t>(rows, (t + 1) * per)};
+}
+
+// Per-channel sums of a(r, k) and a(r, k) * b(r, k) over rows, in float blocks of 64 rows added into doubles.
+template <typename F>
+void ChannelSums(int64_t rows, int64_t c, F term, std::vector<double>& s1, std::vector<double>& s2) {
+  int nt = omp_get_max_threads();
+  std::vector<double> part(2 * c * nt, 0.0);
+#pragma omp parallel num_threads(nt)
+  {
+    Rows rr = ThreadRows(rows);
+    double* p1 = part.data() + 2 * c * omp_get_thread_num();
+    double* p2 = p1 + c;
+    std::vector<float> f1(c), f2(c);
+    for (int64_t r0 = rr.begin; r0 < rr.end; r0 += 64) {
+      std::fill(f1.begin(), f1.end(), 0.f);
+      std::fill(f2.begin(), f2.end(), 0.f);
+      for (int64_t r = r0; r < std::min(rr.end, r0 + 64); ++r) term(r, f1.data(), f2.data());
+      for (int64_t k = 0; k < c; ++k) { p1[k] += f1[k]; p2[k] += f2[k]; }
+    }
+  }
+  s1.assign(c, 0.0);
+  s2.assign(c, 0.0);
+  for (int t = 0; t < nt; ++t)
+    for (int64_t k = 0; k < c; ++k) { s1[k] += part[2 * c * t + k]; s2[k] += part[2 * c * t + c + k]; }
+}
+
+ffi::Error BnShape(ffi::AnyBuffer x, int64_t* rows, int64_t* c) {
+  auto d = x.dimensions();
+  if (d.size() != 4 || x.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("facekd batch norm: x must be 4-D NHWC float32");
+  *rows = d[0] * d[1] * d[2];
+  *c = d[3];
+  return ffi::Error::Success();
+}
+
+// x [N,H,W,C], scale [C], shift [C], r (residual, read in mode 2) -> y, mean [C], var [C] (biased).
+ffi::Error BnFwd(ffi::AnyBuffer xb, ffi::AnyBuffer scaleb, ffi::AnyBuffer shiftb, ffi::AnyBuffer rb,
+                 ffi::Result<ffi::AnyBuffer> yb, ffi::Result<ffi::AnyBuffer> meanb,
+                 ffi::Result<ffi::AnyBuffer> varb, float eps, int64_t mode) {
+  int64_t rows, c;
+  if (auto e = BnShape(xb, &rows, &c); e.failure()) return e;
+  const float* x = static_cast<const float*>(xb.untyped_data());
+  const float* res = static_cast<const float*>(rb.untyped_data());
+  const float* scale = static_cast<const float*>(scaleb.untyped_data());
+  const float* shift = static_cast<const float*>(shiftb.untyped_data());
+  float* y = static_cast<float*>(yb->untyped_data());
+  float* mean = static_cast<float*>(meanb->untyped_data());
+  float* var = static_cast<float*>(varb->untyped_data());
+  std::vector<double> s1, s2;
+  ChannelSums(rows, c, [&](int64_t r, float* f1, float* f2) {
+    const float* xr = x + r * c;
+#pragma omp simd
+    for (int64_t k = 0; k < c; ++k) { f1[k] += xr[k]; f2[k] += xr[k] * xr[k]; }
+  }, s1, s2);
+  std::vector<float> a(c), b(c);
+  for (int64_t k = 0; k < c; ++k) {
+    double m = s1[k] / rows, v = std::max(0.0, s2[k] / rows - m * m);
+    mean[k] = float(m);
+    var[k] = float(v);
+    a[k] = float(scale[k] / std::sqrt(v + double(eps)));
+    b[k] = float(shift[k] - m * a[k]);
+  }
+  const float* pa = a.data();
+  const float* pb = b.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * c;
+    float* yr = y + r * c;
+    if (mode == 2) {
+      const float* rr = res + r * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) yr[k] = std::max(xr[k] * pa[k] + pb[k] + rr[k], 0.f);
+    } else if (mode == 1) {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) yr[k] = std::max(xr[k] * pa[k] + pb[k], 0.f);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) yr[k] = xr[k] * pa[k] + pb[k];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// x, y (the forward's output), dy [N,H,W,C], scale, mean, var [C]
+// -> dx, dscale [C], dshift [C], dr (mode 2: the gradient of r, i.e. dy where y > 0).
+ffi::Error BnBwd(ffi::AnyBuffer xb, ffi::AnyBuffer yb, ffi::AnyBuffer dyb, ffi::AnyBuffer scaleb,
+                 ffi::AnyBuffer meanb, ffi::AnyBuffer varb, ffi::Result<ffi::AnyBuffer> dxb,
+                 ffi::Result<ffi::AnyBuffer> dscaleb, ffi::Result<ffi::AnyBuffer> dshiftb,
+                 ffi::Result<ffi::AnyBuffer> drb, float eps, int64_t mode) {
+  int64_t rows, c;
+  if (auto e = BnShape(xb, &rows, &c); e.failure()) return e;
+  const float* x = static_cast<const float*>(xb.untyped_data());
+  const float* y = static_cast<const float*>(yb.untyped_data());
+  const float* dy = static_cast<const float*>(dyb.untyped_data());
+  const float* scale = static_cast<const float*>(scaleb.untyped_data());
+  const float* mean = static_cast<const float*>(meanb.untyped_data());
+  const float* var = static_cast<const float*>(varb.untyped_data());
+  float* dx = static_cast<float*>(dxb->untyped_data());
+  float* dr = static_cast<float*>(drb->untyped_data());
+  // Pass 1: g = dy * (y > 0) (written to dr in mode 2), sums of g and g * (x - mean) per channel.
+  std::vector<double> sg, sgx;
+  ChannelSums(rows, c, [&](int64_t r, float* f1, float* f2) {
+    const float* xr = x + r * c;
+    const float* yr = y + r * c;
+    const float* dyr = dy + r * c;
+    if (mode == 0) {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) { f1[k] += dyr[k]; f2[k] += dyr[k] * (xr[k] - mean[k]); }
+    } else if (mode == 1) {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        float g = dyr[k] * float(yr[k] > 0.f);  // branch-free: the signs are random
+        f1[k] += g;
+        f2[k] += g * (xr[k] - mean[k]);
+      }
+    } else {
+      float* drr = dr + r * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        float g = dyr[k] * float(yr[k] > 0.f);
+        drr[k] = g;
+        f1[k] += g;
+        f2[k] += g * (xr[k] - mean[k]);
+      }
+    }
+  }, sg, sgx);
+  std::vector<float> a(c), b(c), m(c);
+  float* dscale = static_cast<float*>(dscaleb->untyped_data());
+  float* dshift = static_cast<float*>(dshiftb->untyped_data());
+  for (int64_t k = 0; k < c; ++k) {
+    double inv = 1.0 / std::sqrt(double(var[k]) + double(eps));
+    double dsh = sg[k], dsc = sgx[k] * inv;  // sum g, sum g * xhat
+    dshift[k] = float(dsh);
+    dscale[k] = float(dsc);
+    // dx = scale * inv * (g - dshift / rows - xhat * dscale / rows) = a * g + m * x + b
+    a[k] = float(scale[k] * inv);
+    m[k] = float(-scale[k] * inv * inv * dsc / rows);
+    b[k] = float(-scale[k] * inv * dsh / rows - m[k] * mean[k]);
+  }
+  const float* pa = a.data();
+  const float* pb = b.data();
+  const float* pm = m.data();
+  // Pass 2: dx.
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * c;
+    const float* yr = y + r * c;
+    const float* dyr = dy + r * c;
+    float* dxr = dx + r * c;
+    if (mode == 0) {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) dxr[k] = pa[k] * dyr[k] + pm[k] * xr[k] + pb[k];
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) dxr[k] = pa[k] * dyr[k] * float(yr[k] > 0.f) + pm[k] * xr[k] + pb[k];
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FacekdOnednnConvFwd, Fwd, BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FacekdOnednnConvBwdData, BwdData, BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FacekdOnednnConvBwdWeights, BwdWeights, BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FacekdBatchNormFwd, BnFwd,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>().Attr<float>("eps").Attr<int64_t>("mode"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FacekdBatchNormBwd, BnBwd,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>().Attr<float>("eps").Attr<int64_t>("mode"));

@@ -48,14 +48,13 @@ class BasicBlock(nn.Module):
     def __call__(self, x, train: bool = False):
         shortcut = x
         y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
-        y = batch_norm(train, dtype=self.dtype, name="bn1")(y)
-        y = nn.relu(y)
+        y = batch_norm(train, dtype=self.dtype, name="bn1")(y, relu=True)
         y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
-        y = batch_norm(train, dtype=self.dtype, name="bn2")(y)
+        bn2 = batch_norm(train, dtype=self.dtype, name="bn2")
         if self.stride != 1 or x.shape[-1] != self.features:
             shortcut = conv(self.features, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
             shortcut = batch_norm(train, dtype=self.dtype, name="downsample_bn")(shortcut)
-        return nn.relu(y + shortcut)
+        return bn2(y, residual=shortcut, relu=True)
 
 
 class ResNet(nn.Module):
@@ -82,11 +81,11 @@ class ResNet(nn.Module):
         x = images.astype(self.dtype)
         if self.stem == "imagenet":
             x = conv(self.widths[0], 7, 2, dtype=self.dtype, name="conv1")(x)
-            x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+            x = batch_norm(train, dtype=self.dtype, name="bn1")(x, relu=True)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         elif self.stem == "cifar":
             x = conv(self.widths[0], 3, dtype=self.dtype, name="conv1")(x)
-            x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+            x = batch_norm(train, dtype=self.dtype, name="bn1")(x, relu=True)
         else:
             raise ValueError(f"ResNet: unknown stem {self.stem!r}; known: 'imagenet', 'cifar'")
         for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
