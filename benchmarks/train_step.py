@@ -16,10 +16,10 @@ analysis of the step traced with XLA's convolutions: forward + backward + update
 device, as XLA compiles one program per device), achieved TFLOP/s per device, and `mfu=` (achieved / peak) when
 the device's peak is known (--peak-tflops, or the datasheet table below for GPUs/TPUs). The CPU settings are
 printed too, as they change the CPU figures (see the README): like facekd_jax.main, the benchmark applies
-facekd_jax.xla_flags (YNNPACK fusions; a restart with glibc's transparent-huge-page tunable;
-FACEKD_XLA_CPU_DEFAULTS=0 turns both off), and convolutions on a single CPU device run in oneDNN
+facekd_jax.xla_flags (YNNPACK fusions; a restart with glibc's transparent-huge-page tunable and the
+large-block cache preloaded; FACEKD_XLA_CPU_DEFAULTS=0 turns them off), and convolutions on a single CPU device run in oneDNN
 (facekd_jax.models.onednn_conv; FACEKD_ONEDNN=0 times XLA's). With --torch in the same process, PyTorch runs under
-the same GLIBC_TUNABLES. With --teacher
+the same GLIBC_TUNABLES and LD_PRELOAD. With --teacher
 the plain step (same student, no teacher) is timed as well and `kd_overhead=` (KD step time / plain step time)
 printed. With --torch the same step in PyTorch (benchmarks/torch_reference.py) is timed first, in this process,
 then `jax_over_torch_eager=` (or `_compile`: JAX images/s / PyTorch images/s) and both frameworks' parameter
@@ -221,7 +221,8 @@ def main(argv=None) -> None:
         from facekd_jax.models import onednn_conv
         on = onednn_conv.enabled()
         why = "" if on else f" ({onednn_conv.unavailable_reason() or 'FACEKD_ONEDNN=0 or several devices'})"
-        print(f"cpu: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, oneDNN convolutions {on}{why}")
+        print(f"cpu: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
+              f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, oneDNN convolutions {on}{why}")
     print(f"step: {args.model} student{f' + {args.teacher} teacher (feature KD)' if args.teacher else ''}, "
           f"batch {args.batch}, {args.image_size}x{args.image_size}, embedding {args.embedding_size}, "
           f"{args.classes} classes, {args.dtype}, SGD momentum 0.9 wd 5e-4 clip 5; "
@@ -270,5 +271,5 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     from facekd_jax import xla_flags
-    xla_flags.restart_with_huge_pages()  # first: glibc reads GLIBC_TUNABLES only at process start
+    xla_flags.restart_with_huge_pages()  # first: glibc and ld.so read GLIBC_TUNABLES/LD_PRELOAD only at start
     main()

@@ -150,6 +150,7 @@ print("pid", os.getpid(), flush=True)
 from facekd_jax import xla_flags
 xla_flags.restart_with_huge_pages()
 print("tunables", os.environ.get("GLIBC_TUNABLES", ""), flush=True)
+print("preload", os.environ.get("LD_PRELOAD", ""), flush=True)
 """
 
 
@@ -160,22 +161,66 @@ def _run(code, env, timeout=120):
     return proc.stdout.splitlines()
 
 
-def test_restart_adds_the_huge_page_tunable_once_and_keeps_the_users():
+def test_restart_adds_the_huge_page_tunable_and_block_cache_once_and_keeps_the_users():
     env = subprocess_env(1)
     env.pop(xla_flags.OPT_OUT, None)
     env["GLIBC_TUNABLES"] = "glibc.malloc.tcache_count=8"  # the user's own: kept
-    if not xla_flags.huge_pages_wanted(dict(env, GLIBC_TUNABLES="")):
-        lines = _run(RESTART, env)
-        assert lines == [lines[0], "tunables glibc.malloc.tcache_count=8"]  # nothing to gain here: no restart
-        pytest.skip("no transparent huge pages or glibc < 2.35 here: the restart is rightly skipped")
+    env["LD_PRELOAD"] = ""
+    if not xla_flags.huge_pages_wanted(dict(env, GLIBC_TUNABLES="")) or not xla_flags.block_cache_wanted(env):
+        pytest.skip("no transparent huge pages, glibc < 2.35 or not glibc here: the restart is rightly skipped")
     lines = _run(RESTART, env)
     # the same process (exec keeps the pid) ran the script twice: before and after the restart
-    assert [line.split()[0] for line in lines] == ["pid", "pid", "tunables"] and lines[0] == lines[1]
+    assert [line.split()[0] for line in lines] == ["pid", "pid", "tunables", "preload"] and lines[0] == lines[1]
     assert lines[2] == "tunables glibc.malloc.tcache_count=8:" + xla_flags.HUGE_PAGES_TUNABLE
-    for name, value in ((xla_flags.OPT_OUT, "0"), ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0"),
-                        ("JAX_PLATFORMS", "cuda")):
+    assert lines[3] == f"preload {xla_flags.build_block_cache()}"
+    for name, value in ((xla_flags.OPT_OUT, "0"), ("JAX_PLATFORMS", "cuda")):
         lines = _run(RESTART, dict(env, **{name: value}))
-        assert len(lines) == 2 and "hugetlb=1" not in lines[1], (name, lines)  # opted out / user's / not CPU
+        assert len(lines) == 3 and "hugetlb=1" not in lines[1] and "block_cache" not in lines[2], (name, lines)
+    # what the user set already is not added again, and the rest still is
+    lines = _run(RESTART, dict(env, GLIBC_TUNABLES="glibc.malloc.hugetlb=0"))
+    assert lines[2] == "tunables glibc.malloc.hugetlb=0" and "block_cache-" in lines[3], lines
+
+
+BLOCK_CACHE = """
+import ctypes, resource
+libc = ctypes.CDLL(None)
+libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def alloc(mib):
+    p = ctypes.c_void_p()
+    assert libc.posix_memalign(ctypes.byref(p), 64, mib << 20) == 0
+    return p.value
+
+def touch(p, mib):  # first byte as it was, and the page faults of writing every page
+    first = ctypes.c_ubyte.from_address(p).value
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(p, 0xAB, mib << 20)
+    return first, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+a = alloc(100); touch(a, 100); libc.free(a)
+b = alloc(96)  # fits the kept 100 MiB block
+print("reuse", b == a, *touch(b, 96))
+libc.free(b)
+c = alloc(40)  # below the 64 MiB threshold: glibc's, the kept block stays
+d = alloc(30 + 64)
+print("again", d == a, *touch(d, 94))
+"""
+
+
+def test_block_cache_hands_a_freed_large_block_to_the_next_request():
+    """Without the cache the freed 100 MiB block goes back to the kernel and the next one faults in zeroed pages
+    again; with it the same block, with its old contents, comes back without a fault."""
+    env = subprocess_env(1)
+    env.pop("GLIBC_TUNABLES", None)
+    library = xla_flags.build_block_cache() if xla_flags.block_cache_wanted(dict(env, LD_PRELOAD="")) else None
+    if library is None:
+        pytest.skip("the large-block cache is not used on this machine (not Linux/glibc, or no C compiler)")
+    plain = _run(BLOCK_CACHE, dict(env, LD_PRELOAD=""))
+    cached = _run(BLOCK_CACHE, dict(env, LD_PRELOAD=str(library)))
+    _, _, first, faults = plain[0].split()
+    assert first == "0" and int(faults) > 1000, plain  # fresh zero pages: 96 MiB / 4 KiB = 24k faults
+    assert cached[0] == "reuse True 171 0" and cached[1] == "again True 171 0", cached  # 0xAB = 171
 
 
 FAULTS = """
@@ -205,6 +250,7 @@ def test_huge_pages_remove_the_per_step_page_faults():
     """Each step's fresh temporary buffer faults in 4 KiB pages without the tunable, in 2 MiB pages with it."""
     env = subprocess_env(1)
     env.pop("GLIBC_TUNABLES", None)
+    env.pop("LD_PRELOAD", None)  # the block cache would remove the faults on its own (its own test below)
     without = int(_run(FAULTS, env, timeout=300)[-1])
     with_ = int(_run(FAULTS, xla_flags.with_huge_pages(dict(env)), timeout=300)[-1])
     # 3 steps: 123k vs 1k faults on an idle machine, 123k vs 26k beside another test worker (the kernel then
