@@ -41,17 +41,16 @@ RSS 2.9 -> 4.7 GB (one kept buffer). Skipped, without a restart of its own, wher
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
-import tempfile
 import warnings
 from typing import MutableMapping, Optional
+
+from facekd_jax import native_build
 
 # flag name -> value, for XLA's own convolutions. With "individual_convolution" added (YNNPACK convolutions too)
 # the step was 10-18% slower.
@@ -152,32 +151,18 @@ BLOCK_CACHE_SOURCE = pathlib.Path(__file__).with_name("block_cache.c")
 
 
 def build_block_cache() -> Optional[pathlib.Path]:
-    """Compiles block_cache.c into $FACEKD_CACHE_DIR (default ~/.cache/facekd_jax) once per source and command;
-    returns the shared library, or None (with the reason on stderr) where it cannot be built."""
+    """Compiles block_cache.c into the native cache (native_build.py) once per source and command; returns the
+    shared library, or None (with the reason on stderr) where it cannot be built."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         print("facekd_jax: no C compiler (cc, gcc or $CC): large-block cache skipped", file=sys.stderr)
         return None
-    cmd = [cc, "-O2", "-shared", "-fPIC", str(BLOCK_CACHE_SOURCE), "-ldl"]
-    key = hashlib.sha256(BLOCK_CACHE_SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
-    cache = pathlib.Path(os.environ.get("FACEKD_CACHE_DIR") or pathlib.Path.home() / ".cache" / "facekd_jax")
-    target = cache / f"block_cache-{key}.so"
-    if target.exists():
-        return target
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: atomic for racers
-            out = pathlib.Path(tmp) / target.name
-            proc = subprocess.run(cmd + ["-o", str(out)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"facekd_jax: building {BLOCK_CACHE_SOURCE.name} failed ({' '.join(cmd)}): "
-                      f"{proc.stderr[-1000:]}; large-block cache skipped", file=sys.stderr)
-                return None
-            os.replace(out, target)
-    except OSError as e:
+        return native_build.build_shared_library(
+            BLOCK_CACHE_SOURCE, [cc, "-O2", "-shared", "-fPIC", str(BLOCK_CACHE_SOURCE), "-ldl"])
+    except (native_build.BuildError, OSError) as e:
         print(f"facekd_jax: large-block cache skipped: {e}", file=sys.stderr)
         return None
-    return target
 
 
 def block_cache_wanted(environ: Optional[MutableMapping[str, str]] = None) -> bool:

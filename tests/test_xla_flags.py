@@ -256,3 +256,11 @@ def test_huge_pages_remove_the_per_step_page_faults():
     # 3 steps: 123k vs 1k faults on an idle machine, 123k vs 26k beside another test worker (the kernel then
     # finds fewer free 2 MiB pages); a mistyped tunable would leave them equal
     assert without > 20_000 and with_ < without / 2, (without, with_)
+
+
+def test_a_failed_block_cache_build_is_skipped_and_leaves_the_cache_clean(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("FACEKD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert xla_flags.build_block_cache() is None
+    assert "compiling block_cache.c failed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left for a later process to preload

@@ -59,15 +59,15 @@ class BatchNorm(nn.BatchNorm):
     """
 
     @nn.compact
-    def __call__(self, x, residual=None, relu: bool = False, use_running_average: bool | None = None):
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None, residual=None, relu: bool = False):
         if residual is not None and not relu:
             raise ValueError("BatchNorm: a residual is only fused together with relu=True")
         eval_mode = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        if (eval_mode or x.ndim != 4 or self.axis not in (-1, 3) or x.dtype != jnp.float32
-                or self.dtype not in (None, jnp.float32) or not self.use_bias
+        if (eval_mode or mask is not None or x.ndim != 4 or self.axis not in (-1, 3) or x.dtype != jnp.float32
+                or self.dtype not in (None, jnp.float32) or not self.use_bias or self.axis_name is not None
                 or (residual is not None and residual.dtype != jnp.float32)
                 or not onednn_conv.enabled()):
-            y = super().__call__(x, use_running_average=use_running_average)
+            y = super().__call__(x, use_running_average=use_running_average, mask=mask)
             if residual is not None:
                 y = y + residual
             return nn.relu(y) if relu else y

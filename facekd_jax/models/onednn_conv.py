@@ -22,7 +22,8 @@ when the function is traced:
 - 2-D NHWC x HWIO -> NHWC, no dilation, one feature group, float32 or bfloat16 operands of one dtype;
 - the library is available: the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels (pyproject pins them on
   Linux x86-64), a C++ compiler (`c++`, or $CXX) and jaxlib's FFI headers. The handlers are compiled once, on
-  first use, into $FACEKD_CACHE_DIR (default ~/.cache/facekd_jax), keyed by the source and library versions;
+  first use, into $FACEKD_CACHE_DIR (default ~/.cache/facekd_jax; facekd_jax/native_build.py), keyed by the source and
+  library versions;
   a failed build logs why, once, and XLA's convolution is used;
 - not opted out: `FACEKD_ONEDNN=0` in the environment, or `with onednn_conv.disabled():` around the tracing
   (models.summary does that to count FLOPs, which XLA's cost analysis cannot see inside a custom call).
@@ -32,14 +33,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
 import logging
 import os
 import pathlib
 import shutil
-import subprocess
-import tempfile
 import threading
 from typing import Sequence
 
@@ -47,7 +45,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from facekd_jax import xla_flags
+from facekd_jax import native_build, xla_flags
 
 OPT_OUT = xla_flags.ONEDNN_OPT_OUT  # "FACEKD_ONEDNN"
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
@@ -64,8 +62,7 @@ _state: dict = {}  # "available": bool once decided, "reason": why not
 _disabled = threading.local()
 
 
-class BuildError(RuntimeError):
-    """The oneDNN handlers could not be built or loaded (the message says why)."""
+BuildError = native_build.BuildError  # the handlers could not be built (the message says why)
 
 
 def _dist_file(dist: str, suffix: str) -> pathlib.Path:
@@ -79,10 +76,6 @@ def _dist_file(dist: str, suffix: str) -> pathlib.Path:
         if str(f).replace("\\", "/").endswith(suffix):
             return pathlib.Path(f.locate()).resolve()
     raise BuildError(f"the {dist} wheel has no file ending in {suffix}")
-
-
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("FACEKD_CACHE_DIR") or pathlib.Path.home() / ".cache" / "facekd_jax")
 
 
 def build(force: bool = False) -> pathlib.Path:
@@ -99,21 +92,8 @@ def build(force: bool = False) -> pathlib.Path:
         raise BuildError("no C++ compiler found (install g++ or set CXX)")
     cmd = [cxx, "-O3", "-fno-trapping-math", "-std=c++17", "-fopenmp", "-shared", "-fPIC", f"-I{ffi_include}",
            f"-I{include}", str(SOURCE), str(library), f"-Wl,-rpath,{library.parent}"]
-    key = hashlib.sha256(SOURCE.read_bytes())
-    for part in (importlib.metadata.version(RUNTIME_DIST), importlib.metadata.version("jaxlib"), *cmd):
-        key.update(part.encode())
-    target = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
-    if target.exists() and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic for racers
-        out = pathlib.Path(tmp) / target.name
-        cmd += ["-o", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BuildError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-        os.replace(out, target)
-    return target
+    versions = (importlib.metadata.version(RUNTIME_DIST), importlib.metadata.version("jaxlib"))
+    return native_build.build_shared_library(SOURCE, cmd, versions, force=force)
 
 
 def _load() -> None:
