@@ -209,7 +209,9 @@ Rows ThreadRows(int64_t rows) {
   return {std::min<int64_t>(rows, t * per), std::min<int64_t>(rows, (t + 1) * per)};
 }
 
-// Per-channel sums of a(r, k) and a(r, k) * b(r, k) over rows, in float blocks of 64 rows added into doubles.
+// Two per-channel sums over rows: term(r, f1, f2) adds row r's two terms into f1[C], f2[C]; float blocks of 64
+// rows are added into doubles. The forward's terms are x and x^2 (variance E[x^2] - E[x]^2, as flax's
+// use_fast_variance, but accumulated in double), the backward's g and g * (x - mean).
 template <typename F>
 void ChannelSums(int64_t rows, int64_t c, F term, std::vector<double>& s1, std::vector<double>& s2) {
   int nt = omp_get_max_threads();
