@@ -51,8 +51,8 @@ class BatchNorm(nn.BatchNorm):
     """flax's ``nn.BatchNorm`` (same variables, same results) that can fuse the ReLU, or the residual add and ReLU,
     that follow it: ``bn(x, residual=r, relu=True) == relu(bn(x) + r)``.
 
-    In train mode on a single-device CPU with float32 NHWC input, the normalisation with what it fuses, and its
-    gradient, run as two-pass C++ kernels (models/onednn_conv.py's `batch_norm_train`, under the rules and
+    In train mode on a single-device CPU with float32 or bfloat16 NHWC input (of the module's dtype), the
+    normalisation with what it fuses, and its gradient, run as two-pass C++ kernels (models/onednn_conv.py's `batch_norm_train`, under the rules and
     opt-outs of its oneDNN convolutions). A residual block's output then comes out of a custom call, which stops
     XLA:CPU from recomputing the whole chain of earlier blocks' BN-add-ReLU inside each later fusion (it did: up
     to 10 layers per fusion in resnet56). Elsewhere it is ``nn.BatchNorm`` followed by the add and ReLU.
@@ -63,9 +63,10 @@ class BatchNorm(nn.BatchNorm):
         if residual is not None and not relu:
             raise ValueError("BatchNorm: a residual is only fused together with relu=True")
         eval_mode = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        if (eval_mode or mask is not None or x.ndim != 4 or self.axis not in (-1, 3) or x.dtype != jnp.float32
-                or self.dtype not in (None, jnp.float32) or not self.use_bias or self.axis_name is not None
-                or (residual is not None and residual.dtype != jnp.float32)
+        if (eval_mode or mask is not None or x.ndim != 4 or self.axis not in (-1, 3)
+                or x.dtype not in (jnp.float32, jnp.bfloat16) or self.dtype not in (None, x.dtype)
+                or not self.use_bias or self.axis_name is not None
+                or (residual is not None and residual.dtype != x.dtype)
                 or not onednn_conv.enabled()):
             y = super().__call__(x, use_running_average=use_running_average, mask=mask)
             if residual is not None:

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -195,10 +196,34 @@ ffi::Error BwdWeights(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
                       int64_t pt, int64_t pb, int64_t pl, int64_t pr) { return Run('w', a, b, o, sh, sw, pt, pb, pl, pr); }
 
 // ---- Batch normalisation in training mode (batch statistics) fused with what follows it in a ResNet: nothing
-// (mode 0), ReLU (mode 1) or a residual add and ReLU (mode 2): y = relu(BN(x) + r). NHWC float32 viewed as
-// [rows = N*H*W, C]. Memory-bound loops, two passes each way (oneDNN's batch norm cannot fuse the residual add
-// on a CPU; with a separate add-ReLU pass it was slower than these loops). The ReLU mask of the
-// backward pass is read from the forward's output y (y > 0 exactly where the pre-activation is).
+// (mode 0), ReLU (mode 1) or a residual add and ReLU (mode 2): y = relu(BN(x) + r). NHWC viewed as
+// [rows = N*H*W, C], float32 or bfloat16 (statistics and arithmetic in float32). Memory-bound loops, two
+// passes each way (oneDNN's batch norm cannot fuse the residual add on a CPU; with a separate add-ReLU pass it
+// was slower than these loops). The ReLU mask of the backward pass is read from the forward's output y
+// (y > 0 exactly where the pre-activation is).
+// float32 or bfloat16 storage, float32 arithmetic (bfloat16 rounded to nearest even on store).
+struct Bf16 {
+  uint16_t bits;
+};
+inline float Load(float v) { return v; }
+inline float Load(Bf16 v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename T>
+T Store(float f);
+template <>
+inline float Store<float>(float f) { return f; }
+template <>
+inline Bf16 Store<Bf16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return Bf16{uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded)};  // NaN stays NaN
+}
+
 struct Rows {
   int64_t begin, end;
 };
@@ -237,31 +262,34 @@ void ChannelSums(int64_t rows, int64_t c, F term, std::vector<double>& s1, std::
 
 ffi::Error BnShape(ffi::AnyBuffer x, int64_t* rows, int64_t* c) {
   auto d = x.dimensions();
-  if (d.size() != 4 || x.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("facekd batch norm: x must be 4-D NHWC float32");
+  if (d.size() != 4 || (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("facekd batch norm: x must be 4-D NHWC float32 or bfloat16");
   *rows = d[0] * d[1] * d[2];
   *c = d[3];
   return ffi::Error::Success();
 }
 
 // x [N,H,W,C], scale [C], shift [C], r (residual, read in mode 2) -> y, mean [C], var [C] (biased).
-ffi::Error BnFwd(ffi::AnyBuffer xb, ffi::AnyBuffer scaleb, ffi::AnyBuffer shiftb, ffi::AnyBuffer rb,
-                 ffi::Result<ffi::AnyBuffer> yb, ffi::Result<ffi::AnyBuffer> meanb,
-                 ffi::Result<ffi::AnyBuffer> varb, float eps, int64_t mode) {
-  int64_t rows, c;
-  if (auto e = BnShape(xb, &rows, &c); e.failure()) return e;
-  const float* x = static_cast<const float*>(xb.untyped_data());
-  const float* res = static_cast<const float*>(rb.untyped_data());
+template <typename T>
+ffi::Error BnFwdT(int64_t rows, int64_t c, ffi::AnyBuffer xb, ffi::AnyBuffer scaleb, ffi::AnyBuffer shiftb,
+                  ffi::AnyBuffer rb, ffi::Result<ffi::AnyBuffer> yb, ffi::Result<ffi::AnyBuffer> meanb,
+                  ffi::Result<ffi::AnyBuffer> varb, float eps, int64_t mode) {
+  const T* x = static_cast<const T*>(xb.untyped_data());
+  const T* res = static_cast<const T*>(rb.untyped_data());
   const float* scale = static_cast<const float*>(scaleb.untyped_data());
   const float* shift = static_cast<const float*>(shiftb.untyped_data());
-  float* y = static_cast<float*>(yb->untyped_data());
+  T* y = static_cast<T*>(yb->untyped_data());
   float* mean = static_cast<float*>(meanb->untyped_data());
   float* var = static_cast<float*>(varb->untyped_data());
   std::vector<double> s1, s2;
   ChannelSums(rows, c, [&](int64_t r, float* f1, float* f2) {
-    const float* xr = x + r * c;
+    const T* xr = x + r * c;
 #pragma omp simd
-    for (int64_t k = 0; k < c; ++k) { f1[k] += xr[k]; f2[k] += xr[k] * xr[k]; }
+    for (int64_t k = 0; k < c; ++k) {
+      float v = Load(xr[k]);
+      f1[k] += v;
+      f2[k] += v * v;
+    }
   }, s1, s2);
   std::vector<float> a(c), b(c);
   for (int64_t k = 0; k < c; ++k) {
@@ -275,18 +303,18 @@ ffi::Error BnFwd(ffi::AnyBuffer xb, ffi::AnyBuffer scaleb, ffi::AnyBuffer shiftb
   const float* pb = b.data();
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * c;
-    float* yr = y + r * c;
+    const T* xr = x + r * c;
+    T* yr = y + r * c;
     if (mode == 2) {
-      const float* rr = res + r * c;
+      const T* rr = res + r * c;
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) yr[k] = std::max(xr[k] * pa[k] + pb[k] + rr[k], 0.f);
+      for (int64_t k = 0; k < c; ++k) yr[k] = Store<T>(std::max(Load(xr[k]) * pa[k] + pb[k] + Load(rr[k]), 0.f));
     } else if (mode == 1) {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) yr[k] = std::max(xr[k] * pa[k] + pb[k], 0.f);
+      for (int64_t k = 0; k < c; ++k) yr[k] = Store<T>(std::max(Load(xr[k]) * pa[k] + pb[k], 0.f));
     } else {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) yr[k] = xr[k] * pa[k] + pb[k];
+      for (int64_t k = 0; k < c; ++k) yr[k] = Store<T>(Load(xr[k]) * pa[k] + pb[k]);
     }
   }
   return ffi::Error::Success();
@@ -294,44 +322,47 @@ ffi::Error BnFwd(ffi::AnyBuffer xb, ffi::AnyBuffer scaleb, ffi::AnyBuffer shiftb
 
 // x, y (the forward's output), dy [N,H,W,C], scale, mean, var [C]
 // -> dx, dscale [C], dshift [C], dr (mode 2: the gradient of r, i.e. dy where y > 0).
-ffi::Error BnBwd(ffi::AnyBuffer xb, ffi::AnyBuffer yb, ffi::AnyBuffer dyb, ffi::AnyBuffer scaleb,
-                 ffi::AnyBuffer meanb, ffi::AnyBuffer varb, ffi::Result<ffi::AnyBuffer> dxb,
-                 ffi::Result<ffi::AnyBuffer> dscaleb, ffi::Result<ffi::AnyBuffer> dshiftb,
-                 ffi::Result<ffi::AnyBuffer> drb, float eps, int64_t mode) {
-  int64_t rows, c;
-  if (auto e = BnShape(xb, &rows, &c); e.failure()) return e;
-  const float* x = static_cast<const float*>(xb.untyped_data());
-  const float* y = static_cast<const float*>(yb.untyped_data());
-  const float* dy = static_cast<const float*>(dyb.untyped_data());
+template <typename T>
+ffi::Error BnBwdT(int64_t rows, int64_t c, ffi::AnyBuffer xb, ffi::AnyBuffer yb, ffi::AnyBuffer dyb,
+                  ffi::AnyBuffer scaleb, ffi::AnyBuffer meanb, ffi::AnyBuffer varb, ffi::Result<ffi::AnyBuffer> dxb,
+                  ffi::Result<ffi::AnyBuffer> dscaleb, ffi::Result<ffi::AnyBuffer> dshiftb,
+                  ffi::Result<ffi::AnyBuffer> drb, float eps, int64_t mode) {
+  const T* x = static_cast<const T*>(xb.untyped_data());
+  const T* y = static_cast<const T*>(yb.untyped_data());
+  const T* dy = static_cast<const T*>(dyb.untyped_data());
   const float* scale = static_cast<const float*>(scaleb.untyped_data());
   const float* mean = static_cast<const float*>(meanb.untyped_data());
   const float* var = static_cast<const float*>(varb.untyped_data());
-  float* dx = static_cast<float*>(dxb->untyped_data());
-  float* dr = static_cast<float*>(drb->untyped_data());
+  T* dx = static_cast<T*>(dxb->untyped_data());
+  T* dr = static_cast<T*>(drb->untyped_data());
   // Pass 1: g = dy * (y > 0) (written to dr in mode 2), sums of g and g * (x - mean) per channel.
   std::vector<double> sg, sgx;
   ChannelSums(rows, c, [&](int64_t r, float* f1, float* f2) {
-    const float* xr = x + r * c;
-    const float* yr = y + r * c;
-    const float* dyr = dy + r * c;
+    const T* xr = x + r * c;
+    const T* yr = y + r * c;
+    const T* dyr = dy + r * c;
     if (mode == 0) {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) { f1[k] += dyr[k]; f2[k] += dyr[k] * (xr[k] - mean[k]); }
+      for (int64_t k = 0; k < c; ++k) {
+        float g = Load(dyr[k]);
+        f1[k] += g;
+        f2[k] += g * (Load(xr[k]) - mean[k]);
+      }
     } else if (mode == 1) {
 #pragma omp simd
       for (int64_t k = 0; k < c; ++k) {
-        float g = dyr[k] * float(yr[k] > 0.f);  // branch-free: the signs are random
+        float g = Load(dyr[k]) * float(Load(yr[k]) > 0.f);  // branch-free: the signs are random
         f1[k] += g;
-        f2[k] += g * (xr[k] - mean[k]);
+        f2[k] += g * (Load(xr[k]) - mean[k]);
       }
     } else {
-      float* drr = dr + r * c;
+      T* drr = dr + r * c;
 #pragma omp simd
       for (int64_t k = 0; k < c; ++k) {
-        float g = dyr[k] * float(yr[k] > 0.f);
-        drr[k] = g;
+        float g = Load(dyr[k]) * float(Load(yr[k]) > 0.f);
+        drr[k] = Store<T>(g);
         f1[k] += g;
-        f2[k] += g * (xr[k] - mean[k]);
+        f2[k] += g * (Load(xr[k]) - mean[k]);
       }
     }
   }, sg, sgx);
@@ -354,19 +385,41 @@ ffi::Error BnBwd(ffi::AnyBuffer xb, ffi::AnyBuffer yb, ffi::AnyBuffer dyb, ffi::
   // Pass 2: dx.
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * c;
-    const float* yr = y + r * c;
-    const float* dyr = dy + r * c;
-    float* dxr = dx + r * c;
+    const T* xr = x + r * c;
+    const T* yr = y + r * c;
+    const T* dyr = dy + r * c;
+    T* dxr = dx + r * c;
     if (mode == 0) {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) dxr[k] = pa[k] * dyr[k] + pm[k] * xr[k] + pb[k];
+      for (int64_t k = 0; k < c; ++k) dxr[k] = Store<T>(pa[k] * Load(dyr[k]) + pm[k] * Load(xr[k]) + pb[k]);
     } else {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) dxr[k] = pa[k] * dyr[k] * float(yr[k] > 0.f) + pm[k] * xr[k] + pb[k];
+      for (int64_t k = 0; k < c; ++k)
+        dxr[k] = Store<T>(pa[k] * Load(dyr[k]) * float(Load(yr[k]) > 0.f) + pm[k] * Load(xr[k]) + pb[k]);
     }
   }
   return ffi::Error::Success();
+}
+
+// The handlers: x's element type (float32 or bfloat16) picks the storage type of every N,H,W,C operand.
+ffi::Error BnFwd(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer shift, ffi::AnyBuffer r,
+                 ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
+                 float eps, int64_t mode) {
+  int64_t rows, c;
+  if (auto e = BnShape(x, &rows, &c); e.failure()) return e;
+  if (x.element_type() == ffi::DataType::BF16)
+    return BnFwdT<Bf16>(rows, c, x, scale, shift, r, y, mean, var, eps, mode);
+  return BnFwdT<float>(rows, c, x, scale, shift, r, y, mean, var, eps, mode);
+}
+
+ffi::Error BnBwd(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy, ffi::AnyBuffer scale, ffi::AnyBuffer mean,
+                 ffi::AnyBuffer var, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
+                 ffi::Result<ffi::AnyBuffer> dshift, ffi::Result<ffi::AnyBuffer> dr, float eps, int64_t mode) {
+  int64_t rows, c;
+  if (auto e = BnShape(x, &rows, &c); e.failure()) return e;
+  if (x.element_type() == ffi::DataType::BF16)
+    return BnBwdT<Bf16>(rows, c, x, y, dy, scale, mean, var, dx, dscale, dshift, dr, eps, mode);
+  return BnBwdT<float>(rows, c, x, y, dy, scale, mean, var, dx, dscale, dshift, dr, eps, mode);
 }
 
 }  // namespace

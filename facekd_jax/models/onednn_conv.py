@@ -268,7 +268,8 @@ _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 def batch_norm_train(x, scale, bias, residual=None, *, epsilon: float, relu: bool = False):
     """Training-mode batch norm: y = [relu](BN(x) [+ residual]); returns (y, mean, var).
 
-    x [N,H,W,C] float32; scale, bias [C] float32; mean/var [C] the biased batch statistics (no gradient).
+    x [N,H,W,C] float32 or bfloat16 (residual and y the same; arithmetic in float32); scale, bias [C] float32;
+    mean/var [C] float32, the biased batch statistics (no gradient).
     A residual needs relu=True (the add-and-ReLU of torchvision's basic block). No fallback: callers check
     `enabled()` (layers.BatchNorm does).
     """
