@@ -271,5 +271,5 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     from facekd_jax import xla_flags
-    xla_flags.restart_with_huge_pages()  # first: glibc and ld.so read GLIBC_TUNABLES/LD_PRELOAD only at start
+    xla_flags.restart_with_cpu_memory_settings()  # first: glibc and ld.so read GLIBC_TUNABLES/LD_PRELOAD only at start
     main()

@@ -25,7 +25,7 @@ each step, and glibc serves it by mmap, so every step page-faults 638k zeroed 4 
 2.8 s step. With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks the kernel for transparent huge pages
 (2 MiB) instead: about 2k faults per step, and the buffer is still returned to the kernel after each step (RSS
 stays flat). glibc reads GLIBC_TUNABLES only when a process starts, so the command-line entry points
-(`python -m facekd_jax.main`, `facekd_jax.suite`, `benchmarks/train_step.py`) call `restart_with_huge_pages()`
+(`python -m facekd_jax.main`, `facekd_jax.suite`, `benchmarks/train_step.py`) call `restart_with_cpu_memory_settings()`
 first: where it helps (Linux, glibc >= 2.35, THP "always" or "madvise", CPU backend expected, not opted out, the
 tunable not already named) it adds the tunable and re-executes the same command once. Notebooks and the pytest
 process are not restarted (export GLIBC_TUNABLES yourself there); tests/conftest.py sets it for the
@@ -132,7 +132,7 @@ def _thp_available() -> bool:
 
 
 def huge_pages_wanted(environ: Optional[MutableMapping[str, str]] = None) -> bool:
-    """Whether restart_with_huge_pages() would add the huge-page tunable (see the module docstring)."""
+    """Whether restart_with_cpu_memory_settings() would add the huge-page tunable (see the module docstring)."""
     environ = os.environ if environ is None else environ
     named = {item.split("=", 1)[0] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item}
     return (sys.platform.startswith("linux") and not opted_out(OPT_OUT, environ) and _glibc_version() >= (2, 35)
@@ -166,10 +166,11 @@ def build_block_cache() -> Optional[pathlib.Path]:
 
 
 def block_cache_wanted(environ: Optional[MutableMapping[str, str]] = None) -> bool:
-    """Whether restart_with_huge_pages() would preload the large-block cache: Linux with glibc, CPU backend
+    """Whether restart_with_cpu_memory_settings() would preload the large-block cache: Linux with glibc, CPU backend
     expected, not opted out, not preloaded already."""
     environ = os.environ if environ is None else environ
-    preloaded = any(pathlib.Path(p).name.startswith("block_cache-") for p in environ.get("LD_PRELOAD", "").split())
+    prefix = f"{BLOCK_CACHE_SOURCE.stem}-"  # native_build names the library after its source
+    preloaded = any(pathlib.Path(p).name.startswith(prefix) for p in environ.get("LD_PRELOAD", "").split())
     return (sys.platform.startswith("linux") and bool(_glibc_version()) and not opted_out(OPT_OUT, environ)
             and not preloaded and cpu_backend_expected(environ))
 
@@ -181,7 +182,7 @@ def with_block_cache(environ: MutableMapping[str, str], library: os.PathLike) ->
     return environ
 
 
-def restart_with_huge_pages() -> None:
+def restart_with_cpu_memory_settings() -> None:
     """Re-executes this command with glibc's huge-page tunable and the large-block cache preloaded, where
     huge_pages_wanted() or block_cache_wanted() (see the module docstring); else returns.
 

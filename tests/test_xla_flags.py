@@ -148,7 +148,7 @@ RESTART = """
 import os, sys
 print("pid", os.getpid(), flush=True)
 from facekd_jax import xla_flags
-xla_flags.restart_with_huge_pages()
+xla_flags.restart_with_cpu_memory_settings()
 print("tunables", os.environ.get("GLIBC_TUNABLES", ""), flush=True)
 print("preload", os.environ.get("LD_PRELOAD", ""), flush=True)
 """

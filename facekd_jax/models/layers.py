@@ -52,14 +52,16 @@ class BatchNorm(nn.BatchNorm):
     that follow it: ``bn(x, residual=r, relu=True) == relu(bn(x) + r)``.
 
     In train mode on a single-device CPU with float32 or bfloat16 NHWC input (of the module's dtype), the
-    normalisation with what it fuses, and its gradient, run as two-pass C++ kernels (models/onednn_conv.py's `batch_norm_train`, under the rules and
-    opt-outs of its oneDNN convolutions). A residual block's output then comes out of a custom call, which stops
-    XLA:CPU from recomputing the whole chain of earlier blocks' BN-add-ReLU inside each later fusion (it did: up
-    to 10 layers per fusion in resnet56). Elsewhere it is ``nn.BatchNorm`` followed by the add and ReLU.
+    normalisation with what it fuses, and its gradient, run as two-pass C++ kernels (models/onednn_conv.py's
+    `batch_norm_train`, under the rules and opt-outs of its oneDNN convolutions). A residual block's output then
+    comes out of a custom call, which stops XLA:CPU from recomputing the whole chain of earlier blocks'
+    BN-add-ReLU inside each later fusion (it did: up to 10 layers per fusion in resnet56). Elsewhere it is
+    ``nn.BatchNorm`` followed by the add and ReLU.
     """
 
     @nn.compact
-    def __call__(self, x, use_running_average: bool | None = None, *, mask=None, residual=None, relu: bool = False):
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None, residual=None,
+                 relu: bool = False):
         if residual is not None and not relu:
             raise ValueError("BatchNorm: a residual is only fused together with relu=True")
         eval_mode = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
