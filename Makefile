@@ -9,10 +9,14 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,cpu,teachers]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# glibc's transparent-huge-page tunable: XLA:CPU's per-step temporary buffer otherwise page-faults hundreds of
+# thousands of fresh 4 KiB pages a step (see README, "Train-step throughput"). A process setting, so set here.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 # The thesis in miniature on the embedded synthetic face set (see README).
 demo: $(STAMP)

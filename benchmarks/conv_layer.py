@@ -2,8 +2,8 @@
 
 The train step's time is mostly convolutions; this splits one layer of it so a slow pass is found without a
 profiler, in JAX as facekd_jax's layers run it (oneDNN through XLA's FFI on a single CPU device,
-facekd_jax.models.onednn_conv; XLA's own convolution with FACEKD_ONEDNN=0, whatever XLA_FLAGS /
-facekd_jax.xla_flags select) and, with --torch, in PyTorch on the same data (needs `pip install torch==2.13.0`).
+facekd_jax.cpu.onednn with the [cpu] extra; XLA's own convolution with FACEKD_ONEDNN=0, whatever XLA_FLAGS /
+facekd_jax.cpu.xla_flags select) and, with --torch, in PyTorch on the same data (needs `pip install torch==2.13.0`).
 
     python benchmarks/conv_layer.py [--batch=32] [--size=112] [--channels=16] [--stride=1] [--steps=5] [--torch]
 
@@ -46,9 +46,10 @@ def _time(fn, steps):
 def main(argv=None) -> None:
     args = parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from facekd_jax import xla_flags
+    from facekd_jax.cpu import xla_flags
 
-    xla_flags.apply_cpu_defaults()  # as facekd_jax.main does
+    use_onednn = os.environ.get("FACEKD_ONEDNN", "1") not in ("0", "false", "no", "off")
+    xla_flags.apply_cpu_defaults(onednn=use_onednn)  # as facekd_jax.main does
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -61,11 +62,14 @@ def main(argv=None) -> None:
     dy_np = rng.standard_normal((n, out, out, c), dtype=np.float32)
     x, w, dy = jnp.asarray(x_np), jnp.asarray(w_np), jnp.asarray(dy_np)
 
-    from facekd_jax.models import onednn_conv
+    from jax import lax
 
-    def conv(x, w):  # what facekd_jax.models.layers.conv runs
-        return onednn_conv.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    from facekd_jax.cpu import onednn
+
+    conv_fn = onednn.conv_general_dilated if use_onednn and onednn.available() else lax.conv_general_dilated
+
+    def conv(x, w):  # what a model's conv layer runs (cpu.layers.OnednnConv, or flax's nn.Conv)
+        return conv_fn(x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     passes = {
         "forward": jax.jit(conv),
@@ -74,7 +78,7 @@ def main(argv=None) -> None:
     }
     gflop = 2.0 * n * out * out * 9 * c * c / 1e9  # each pass does the forward's multiply-adds
     print(f"device: {jax.devices()[0].device_kind}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"convolution: {'oneDNN (FFI)' if onednn_conv.enabled() else 'XLA'}; "
+          f"convolution: {'oneDNN (FFI)' if conv_fn is not lax.conv_general_dilated else 'XLA'}; "
           f"conv3x3 stride {stride}, [{n},{s},{s},{c}] -> [{n},{out},{out},{c}], {gflop:.2f} GFLOP per pass")
     results = {}
     for name, fn in passes.items():

@@ -1,6 +1,6 @@
 """Benchmark: full training steps (forward, ArcFace loss, backward, optimiser update) of facekd_jax's train step.
 
-It runs `facekd_jax.train.make_train_step` itself, the jitted step the training loop runs, on synthetic batches
+It runs the step `facekd_jax.train.setup` builds, the jitted step the training loop runs, on synthetic batches
 already on the device (the input pipeline is benchmarked by benchmarks/input_pipeline.py). The config is
 configs/default.py (ArcFace, SGD momentum 0.9, weight decay 5e-4, backbone grad clipping 5), or
 configs/feature_kd.py (ArcFace + 100 x feature KD from a frozen teacher) when --teacher is given, with the
@@ -8,6 +8,7 @@ model, batch, image size, embedding size, classes and dtype of the command line.
 
     python benchmarks/train_step.py --model=resnet56 --batch=32 --steps=20 [--teacher=resnet18]
         [--image-size=112] [--classes=10572] [--embedding-size=512] [--dtype=float32|bfloat16]
+        [--cached-teacher] [--cpu-kernels=auto|onednn|xla]
         [--warmup=3] [--peak-tflops=X] [--torch [--torch-compile] [--channels-last]]
 
 Printed: compile time, median and mean ms/step over --steps timed steps (each step waited for with
@@ -16,12 +17,12 @@ analysis of the step traced with XLA's convolutions: forward + backward + update
 device, as XLA compiles one program per device), achieved TFLOP/s per device, and `mfu=` (achieved / peak) when
 the device's peak is known (--peak-tflops, or the datasheet table below for GPUs/TPUs). The CPU settings are
 printed too, as they change the CPU figures (see the README): like facekd_jax.main, the benchmark applies
-facekd_jax.xla_flags (YNNPACK fusions; a restart with glibc's transparent-huge-page tunable and the
-large-block cache preloaded; FACEKD_XLA_CPU_DEFAULTS=0 turns them off), and convolutions on a single CPU device run in oneDNN
-(facekd_jax.models.onednn_conv; FACEKD_ONEDNN=0 times XLA's). With --torch in the same process, PyTorch runs under
-the same GLIBC_TUNABLES and LD_PRELOAD. With --teacher
-the plain step (same student, no teacher) is timed as well and `kd_overhead=` (KD step time / plain step time)
-printed. With --torch the same step in PyTorch (benchmarks/torch_reference.py) is timed first, in this process,
+facekd_jax.cpu.xla_flags (YNNPACK fusions; FACEKD_XLA_CPU_DEFAULTS=0 turns them off) and picks the models' layers
+from --cpu-kernels as config.cpu_kernels does (auto: oneDNN convolutions and fused batch norm on a single CPU
+device where the [cpu] extra is installed). GLIBC_TUNABLES (the Makefile's huge-page setting) is printed; set it
+in the environment. With --teacher the plain step (same student, no teacher) is timed as well and
+`kd_overhead=` (KD step time / plain step time) printed; with --cached-teacher too, the KD step takes the
+teacher's embeddings from the batch, as a run with config.teacher.cache does, and the teacher never runs. With --torch the same step in PyTorch (benchmarks/torch_reference.py) is timed first, in this process,
 then `jax_over_torch_eager=` (or `_compile`: JAX images/s / PyTorch images/s) and both frameworks' parameter
 counts are printed.
 The last line is always `images_per_second=<float>` (JAX; the KD step when --teacher is given).
@@ -81,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="device peak TFLOP/s for the MFU (default: the datasheet table for known GPUs/TPUs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cached-teacher", action="store_true",
+                   help="with --teacher: the teacher's embeddings come with the batch (a teacher cache)")
+    p.add_argument("--cpu-kernels", default="auto", choices=("auto", "onednn", "xla"),
+                   help="config.cpu_kernels: the layers on a CPU")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch reference step (needs torch)")
     p.add_argument("--torch-compile", action="store_true", help="PyTorch: torch.compile the step")
     p.add_argument("--channels-last", action="store_true", help="PyTorch: channels_last memory format")
@@ -101,9 +106,12 @@ def make_config(args, with_teacher: bool):
     config.data.image_size = args.image_size
     config.embedding_size = args.embedding_size
     config.dtype = args.dtype
+    config.cpu_kernels = args.cpu_kernels
     if with_teacher:
         config.teacher.model = args.teacher
         config.teacher.embedding_size = args.embedding_size  # feature KD compares embeddings of equal width
+        if args.cached_teacher:
+            config.teacher.cache = "(benchmark: embeddings in the batch)"
     return config
 
 
@@ -126,46 +134,42 @@ def build_step(args, with_teacher: bool):
 
     from facekd_jax import models
     from facekd_jax import train as train_lib
-    from facekd_jax.models import onednn_conv
 
     config = make_config(args, with_teacher)
     mesh = train_lib.make_mesh(1)
     if args.batch % mesh.shape["data"]:
         raise SystemExit(f"--batch={args.batch} must be divisible by the {mesh.shape['data']} devices")
-    student = train_lib.build_student(config)
-    teacher = train_lib.build_teacher(config) if train_lib.needs_teacher(config.kd) else None
-    tx, schedule = train_lib.make_optimizer(config, num_train_steps=1_000_000)  # the LR schedule is irrelevant
-    abstract = train_lib.abstract_state(config, student, tx, args.classes, mesh)
-    state = train_lib.create_train_state(config, student, tx, args.classes, mesh)
+    # The LR schedule is irrelevant here; the step is the loop's own (train.setup).
+    run = train_lib.setup(config, num_classes=args.classes, mesh=mesh, num_train_steps=1_000_000)
+    state = run.init_state()
     teacher_variables = {}
-    if teacher is not None:  # random weights: the teacher's values do not change its cost
-        init = jax.jit(lambda key: train_lib.init_variables(teacher, args.classes, args.image_size, key,
+    if run.teacher is not None:  # random weights: the teacher's values do not change its cost
+        init = jax.jit(lambda key: train_lib.init_variables(run.teacher, args.classes, args.image_size, key,
                                                            config.teacher.embedding_size),
                        out_shardings=NamedSharding(mesh, P()))
         teacher_variables = init(jax.random.PRNGKey(args.seed + 1))
-    step_fn = train_lib.make_train_step(config, student, teacher, tx, schedule, mesh, args.classes,
-                                        jax.tree.map(lambda a: a.sharding, abstract))
 
     rng = np.random.default_rng(args.seed)
-    batch = train_lib.put_batch({
-        "image": rng.uniform(-1.0, 1.0, (args.batch, args.image_size, args.image_size, 3)).astype(np.float32),
-        "label": rng.integers(0, args.classes, (args.batch,), dtype=np.int32)}, mesh)
+    host = {"image": rng.uniform(-1.0, 1.0, (args.batch, args.image_size, args.image_size, 3)).astype(np.float32),
+            "label": rng.integers(0, args.classes, (args.batch,), dtype=np.int32)}
+    if with_teacher and args.cached_teacher:
+        host["teacher_embedding"] = rng.standard_normal((args.batch, config.teacher.embedding_size), np.float32)
+    batch = train_lib.put_batch(host, mesh)
 
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch, teacher_variables).compile()
+    compiled = run.train_step.lower(state, batch, teacher_variables).compile()
     compile_s = time.perf_counter() - t0
-    # FLOPs of the same step traced with XLA's convolutions (a oneDNN custom call has no cost analysis), counted
-    # before backend optimisation like models.model_summary. A second make_train_step: jit caches the first trace.
-    with onednn_conv.disabled():
-        counted = train_lib.make_train_step(config, student, teacher, tx, schedule, mesh, args.classes,
-                                            jax.tree.map(lambda a: a.sharding, abstract))
-        cost = counted.lower(state, batch, teacher_variables).cost_analysis()
+    # FLOPs of the same step with flax's layers (a oneDNN custom call has no cost analysis), counted before backend
+    # optimisation like models.model_summary.
+    config.cpu_kernels = "xla"
+    counted = train_lib.setup(config, num_classes=args.classes, mesh=mesh, num_train_steps=1_000_000)
+    cost = counted.train_step.lower(state, batch, teacher_variables).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     info = dict(compile_s=compile_s, flops=float(cost.get("flops", 0.0)) if cost else 0.0,
                 params=models.count_params(state.params),
                 backbone_params=models.count_params(state.params["backbone"]),
                 teacher_params=(models.count_params(teacher_variables["params"]["backbone"])
-                                if teacher is not None else 0))
+                                if run.teacher is not None else 0))
     return compiled, state, batch, teacher_variables, info
 
 
@@ -207,8 +211,9 @@ def report(name: str, r: dict, peak) -> None:
 def main(argv=None) -> None:
     """Prints the figures described in the module docstring; the last line is `images_per_second=`."""
     args = parse_args(argv)
-    from facekd_jax import xla_flags
-    xla_flags.apply_cpu_defaults()  # as facekd_jax.main does; FACEKD_XLA_CPU_DEFAULTS=0 times XLA's own code
+    from facekd_jax.cpu import xla_flags
+    # as facekd_jax.main does; FACEKD_XLA_CPU_DEFAULTS=0 times XLA's own code
+    xla_flags.apply_cpu_defaults(onednn=args.cpu_kernels != "xla")
     import jax
 
     device = jax.devices()[0]
@@ -218,11 +223,12 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if jax.default_backend() == "cpu":
-        from facekd_jax.models import onednn_conv
-        on = onednn_conv.enabled()
-        why = "" if on else f" ({onednn_conv.unavailable_reason() or 'FACEKD_ONEDNN=0 or several devices'})"
-        print(f"cpu: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
-              f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, oneDNN convolutions {on}{why}")
+        layers = "xla"
+        if args.cpu_kernels != "xla":
+            from facekd_jax import cpu
+            layers = "oneDNN" if cpu.model_layers(args.cpu_kernels, num_devices=1) else "flax (no [cpu] extra)"
+        print(f"cpu: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, layers {layers} "
+              f"(--cpu-kernels={args.cpu_kernels})")
     print(f"step: {args.model} student{f' + {args.teacher} teacher (feature KD)' if args.teacher else ''}, "
           f"batch {args.batch}, {args.image_size}x{args.image_size}, embedding {args.embedding_size}, "
           f"{args.classes} classes, {args.dtype}, SGD momentum 0.9 wd 5e-4 clip 5; "
@@ -242,7 +248,7 @@ def main(argv=None) -> None:
     final = plain
     if args.teacher:
         kd = bench_jax(args, with_teacher=True)
-        report(f"jax kd ({args.teacher} teacher)", kd, peak)
+        report(f"jax kd ({args.teacher} teacher{', cached embeddings' if args.cached_teacher else ''})", kd, peak)
         final = kd
     print(f"params: student {plain['backbone_params']:,} + margin head {plain['params'] - plain['backbone_params']:,}"
           + (f", teacher {final['teacher_params']:,}" if args.teacher else ""))
@@ -258,6 +264,9 @@ def main(argv=None) -> None:
         for name, n_jax, n_torch in pairs:
             print(f"param_count {name}: jax={n_jax} torch={n_torch} ({'match' if n_jax == n_torch else 'DIFFER'})")
     tflops = final["flops"] / (final["ms_median"] * 1e-3) / 1e12 if final["flops"] else 0.0
+    stats = jax.devices()[0].memory_stats() or {}  # None on some backends (the CPU)
+    if "peak_bytes_in_use" in stats:
+        print(f"peak_memory_gib={stats['peak_bytes_in_use'] / 2**30:.2f}")
     print(f"compile_seconds={final['compile_s']:.2f}")
     print(f"ms_per_step={final['ms_median']:.2f}")
     print(f"achieved_tflops={tflops:.4f}")
@@ -270,6 +279,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from facekd_jax import xla_flags
-    xla_flags.restart_with_cpu_memory_settings()  # first: glibc and ld.so read GLIBC_TUNABLES/LD_PRELOAD only at start
     main()

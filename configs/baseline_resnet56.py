@@ -1,6 +1,6 @@
 """The thesis's baseline student: ResNet-56 trained with ArcFace only (no teacher)."""
-from configs import default
+from facekd_jax import config_lib
 
 
 def get_config(arg: str = ""):
-    return default.get_config(arg)
+    return config_lib.apply_arg(config_lib.default_config(), arg)

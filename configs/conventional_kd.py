@@ -1,7 +1,7 @@
 """Conventional KD (Hinton et al. 2015) on the classification layer: KL between the softened class
 probabilities of teacher and student (s * cos logits, T = 4), next to the student's ArcFace loss."""
-from configs import kd_common
+from facekd_jax import config_lib
 
 
 def get_config(arg: str = ""):
-    return kd_common.get_config(arg, hinton_weight=1.0, temperature=4.0, hinton_logits="plain")
+    return config_lib.kd_config(arg, hinton_weight=1.0, temperature=4.0, hinton_logits="plain")

@@ -1,8 +1,8 @@
 """The thesis's teacher: ResNet-18 (GAP head, 11.4 M params, ~12.9x the ResNet-56 student) with ArcFace."""
-from configs import default
+from facekd_jax import config_lib
 
 
 def get_config(arg: str = ""):
-    c = default.get_config(arg)
+    c = config_lib.default_config()
     c.model = "resnet18"
-    return c
+    return config_lib.apply_arg(c, arg)

@@ -10,7 +10,8 @@ element-wise ops, reductions and a matmul, never by a gather, so it can be shard
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +20,11 @@ import jax.numpy as jnp
 
 __all__ = [
     "KD_DEFAULTS",
+    "KD_METHODS",
+    "KDMethod",
+    "active_methods",
+    "kd_needs",
+    "kd_settings",
     "MarginHead",
     "adaptive_margin",
     "compute_loss",
@@ -353,25 +359,92 @@ def adaptive_margin(
 # The composer
 # --------------------------------------------------------------------------------------------------------------
 
-KD_DEFAULTS: dict[str, Any] = {
+
+@dataclasses.dataclass(frozen=True)
+class KDMethod:
+    """One KD method: the one place that says what it computes, what it needs and its config keys.
+
+    name: the logged term (and `terms` key of compute_loss).
+    switch: the config key that turns it on: a weight (on when != 0, the term's factor in the total) or, for a
+      method with no loss of its own (loss None: it changes the CE instead), a bool flag.
+    needs: what the train step must supply while it is on: "teacher_embeddings" (per image), "teacher_cosine"
+      (teacher embeddings against the teacher's class centres), "teacher_centres" (the centres themselves).
+    options: its further config keys with their defaults; choices: the allowed values of string options.
+    loss: (inputs dict, settings dict) -> float32 scalar. inputs: labels, student_embeddings,
+      student_cosine, logits (the student's CE logits), teacher_embeddings, teacher_cosine, scale, margin.
+    """
+
+    name: str
+    switch: str
+    needs: tuple[str, ...]
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+    loss: Callable[[dict, dict], jax.Array] | None = None
+    switch_default: Any = 0.0
+
+    def active(self, settings: Mapping[str, Any]) -> bool:
+        value = settings[self.switch]
+        return bool(value) if isinstance(value, bool) or self.loss is None else float(value) != 0.0
+
+
+def _hinton_term(x: dict, cfg: dict) -> jax.Array:
+    m1, m2, m3 = x["margin"]
+    if cfg["hinton_logits"] == "margin":  # the student's CE logits against the teacher's, margin at the label
+        s_logits = x["logits"]
+        t_logits = margin_logits(x["teacher_cosine"], x["labels"], s=x["scale"], m1=m1, m2=m2, m3=m3)
+    else:
+        s_logits, t_logits = x["scale"] * _f32(x["student_cosine"]), x["scale"] * x["teacher_cosine"]
+    return hinton_kd(s_logits, t_logits, float(cfg["temperature"]))
+
+
+def _pair_term(fn: Callable[..., jax.Array], **option_keys: str) -> Callable[[dict, dict], jax.Array]:
+    """A loss of (student embeddings, teacher embeddings) with keyword options read from the settings."""
+    def term(x: dict, cfg: dict) -> jax.Array:
+        return fn(x["student_kd_embeddings"], x["teacher_embeddings"],
+                  **{arg: cfg[key] for arg, key in option_keys.items()})
+    return term
+
+
+# Registry order is the order of the logged terms. A new method: one entry here and one config file.
+KD_METHODS: tuple[KDMethod, ...] = (
+    KDMethod("hinton", "hinton_weight", ("teacher_cosine",), {"temperature": 4.0, "hinton_logits": "plain"},
+             {"hinton_logits": ("plain", "margin")}, _hinton_term),
+    KDMethod("feature", "feature_weight", ("teacher_embeddings",), {"feature_kind": "mse"},
+             {"feature_kind": ("mse", "cosine")}, _pair_term(feature_kd, kind="feature_kind")),
+    KDMethod("rkd_distance", "rkd_distance_weight", ("teacher_embeddings",), loss=_pair_term(rkd_distance)),
+    KDMethod("rkd_angle", "rkd_angle_weight", ("teacher_embeddings",), loss=_pair_term(rkd_angle)),
+    KDMethod("similarity", "similarity_weight", ("teacher_embeddings",), loss=_pair_term(similarity_kd)),
+    # ProxylessKD: the student's CE runs on the teacher's frozen class centres (no loss of its own).
+    KDMethod("teacher_centres", "teacher_centres", ("teacher_centres",), switch_default=False),
+    # MarginDistillation: per-sample ArcFace margin from the teacher's cosine to its own centre.
+    KDMethod("adaptive_margin", "adaptive_margin", ("teacher_cosine",), {"margin_min": 0.2, "margin_max": 0.5},
+             switch_default=False),
+)
+KD_METHOD_BY_NAME = {m.name: m for m in KD_METHODS}
+
+# Keys of the `kd` config block that belong to no single method.
+KD_COMMON: dict[str, Any] = {
     "ce_weight": 1.0,
-    "hinton_weight": 0.0,
-    "temperature": 4.0,
-    "hinton_logits": "plain",
-    "feature_weight": 0.0,
-    "feature_kind": "mse",
-    "rkd_distance_weight": 0.0,
-    "rkd_angle_weight": 0.0,
-    "similarity_weight": 0.0,
-    "teacher_centres": False,
-    "adaptive_margin": False,
-    "margin_min": 0.2,
-    "margin_max": 0.5,
+    # Where student and teacher embedding sizes differ, the teacher-space terms see the student's embedding
+    # through a learned linear map used only in training (params["projection"]); False: sizes must match.
+    "projection": False,
 }
 
 
-def _kd_settings(kd: Mapping[str, Any] | None) -> dict[str, Any]:
-    """KD_DEFAULTS overridden by `kd` (dict or ml_collections.ConfigDict); unknown key -> KeyError naming it."""
+def _defaults() -> dict[str, Any]:
+    out = dict(KD_COMMON)
+    for m in KD_METHODS:
+        out[m.switch] = m.switch_default
+        out.update(m.options)
+    return out
+
+
+KD_DEFAULTS: dict[str, Any] = _defaults()
+
+
+def kd_settings(kd: Mapping[str, Any] | None) -> dict[str, Any]:
+    """KD_DEFAULTS overridden by `kd` (dict or ml_collections.ConfigDict); an unknown key -> KeyError naming it,
+    a string option outside its method's choices -> ValueError."""
     settings = dict(KD_DEFAULTS)
     if kd is None:
         return settings
@@ -379,11 +452,22 @@ def _kd_settings(kd: Mapping[str, Any] | None) -> dict[str, Any]:
         if key not in KD_DEFAULTS:
             raise KeyError(f"unknown kd config key kd.{key}; valid keys: {', '.join(sorted(KD_DEFAULTS))}")
         settings[key] = kd[key]
-    if settings["hinton_logits"] not in ("plain", "margin"):
-        raise ValueError(f"kd.hinton_logits must be 'plain' or 'margin', got {settings['hinton_logits']!r}")
-    if settings["feature_kind"] not in ("mse", "cosine"):
-        raise ValueError(f"kd.feature_kind must be 'mse' or 'cosine', got {settings['feature_kind']!r}")
+    for m in KD_METHODS:
+        for key, allowed in m.choices.items():
+            if settings[key] not in allowed:
+                raise ValueError(f"kd.{key} must be one of {', '.join(map(repr, allowed))}, got {settings[key]!r}")
     return settings
+
+
+def active_methods(kd: Mapping[str, Any] | None) -> tuple[KDMethod, ...]:
+    """The methods `kd` turns on, in registry order."""
+    settings = kd_settings(kd)
+    return tuple(m for m in KD_METHODS if m.active(settings))
+
+
+def kd_needs(kd: Mapping[str, Any] | None) -> frozenset[str]:
+    """What the active methods need from the teacher (see KDMethod.needs); empty: no teacher at all."""
+    return frozenset(n for m in active_methods(kd) for n in m.needs)
 
 
 def compute_loss(
@@ -396,11 +480,12 @@ def compute_loss(
     teacher_cosine: jax.Array | None = None,
     scale: float = 64.0,
     margin_list: tuple[float, float, float] = (1.0, 0.5, 0.0),
+    student_kd_embeddings: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss = kd.ce_weight * CE(margin logits) + sum of the configured KD terms times their weights.
+    """Total loss = kd.ce_weight * CE(margin logits) + sum of the active KD terms (KD_METHODS) times their weights.
 
     Args:
-      kd: mapping with the keys of KD_DEFAULTS (missing keys take those defaults; an unknown key raises
+      kd: mapping with keys of KD_DEFAULTS (missing keys take those defaults; an unknown key raises
         KeyError naming it). Weights are static Python numbers: a term with weight 0 is not computed.
       labels: int [B]. student_embeddings: float [B, E_s] raw backbone output.
       student_cosine: float [B, C], student embeddings against the centres in use (its own head, or the
@@ -408,65 +493,45 @@ def compute_loss(
       teacher_embeddings: float [B, E_t] or None; teacher_cosine: float [B, C] (teacher embeddings against the
         teacher's centres) or None. Both are wrapped in stop_gradient here: no gradient reaches the teacher.
       scale, margin_list: s and (m1, m2, m3) of `margin_logits`.
+      student_kd_embeddings: what the embedding terms compare with the teacher's (the student's embedding
+        through kd.projection's map where sizes differ); default student_embeddings.
 
-    Terms (unweighted values, float32 scalars): "ce" (always), "total" (always), and when their weight != 0:
-      "hinton": hinton_kd at kd.temperature on s * cos of both (kd.hinton_logits = "plain", conventional KD
-        of the classification layer) or on the margin logits of both (= "margin": the student's CE logits and
-        margin_logits(teacher_cosine), the thesis's KD matched to the ArcFace objective);
-      "feature": feature_kd(kind=kd.feature_kind); "rkd_distance", "rkd_angle" (raw embeddings);
-      "similarity": similarity_kd.
-    kd.adaptive_margin (MarginDistillation): the student's m2 becomes adaptive_margin(teacher_cosine, labels,
-    m_min=kd.margin_min, m_max=kd.margin_max) instead of margin_list[1].
+    Terms (unweighted values, float32 scalars): "ce" (always), "total" (always), and one per active method
+    with a loss: "hinton" (kd.hinton_logits "plain": conventional KD on s * cos of both; "margin": on the
+    margin logits of both, the thesis's KD matched to the ArcFace objective), "feature", "rkd_distance",
+    "rkd_angle", "similarity". kd.adaptive_margin (MarginDistillation): the student's m2 becomes
+    adaptive_margin(teacher_cosine, labels, m_min=kd.margin_min, m_max=kd.margin_max) instead of margin_list[1].
 
     Returns: (total float32 scalar, terms dict[str, float32 scalar]).
     """
-    cfg = _kd_settings(kd)
+    cfg = kd_settings(kd)
     m1, m2, m3 = (float(m) for m in margin_list)
-    if teacher_embeddings is not None:
-        teacher_embeddings = jax.lax.stop_gradient(_f32(teacher_embeddings))
-    if teacher_cosine is not None:
-        teacher_cosine = jax.lax.stop_gradient(_f32(teacher_cosine))
-
-    def need(name, value, key):
-        if value is None:
-            raise ValueError(f"kd.{key} is on but compute_loss got no {name}")
-        return value
+    given = {
+        "teacher_embeddings": (None if teacher_embeddings is None
+                               else jax.lax.stop_gradient(_f32(teacher_embeddings))),
+        "teacher_cosine": None if teacher_cosine is None else jax.lax.stop_gradient(_f32(teacher_cosine)),
+    }
+    methods = [m for m in KD_METHODS if m.active(cfg)]
+    for m in methods:
+        for need in m.needs:
+            if need in given and given[need] is None:
+                raise ValueError(f"kd.{m.switch} is on but compute_loss got no {need}")
 
     student_m2 = m2
     if cfg["adaptive_margin"]:
-        student_m2 = adaptive_margin(
-            need("teacher_cosine", teacher_cosine, "adaptive_margin"),
-            labels,
-            m_min=float(cfg["margin_min"]),
-            m_max=float(cfg["margin_max"]),
-        )
+        student_m2 = adaptive_margin(given["teacher_cosine"], labels, m_min=float(cfg["margin_min"]),
+                                     m_max=float(cfg["margin_max"]))
     logits = margin_logits(student_cosine, labels, s=scale, m1=m1, m2=student_m2, m3=m3)
     terms: dict[str, jax.Array] = {"ce": cross_entropy(logits, labels)}
-    weights: dict[str, float] = {"ce": float(cfg["ce_weight"])}
-
-    if float(cfg["hinton_weight"]) != 0.0:
-        t_cos = need("teacher_cosine", teacher_cosine, "hinton_weight")
-        if cfg["hinton_logits"] == "margin":
-            s_logits = logits
-            t_logits = margin_logits(t_cos, labels, s=scale, m1=m1, m2=m2, m3=m3)
-        else:
-            s_logits, t_logits = scale * _f32(student_cosine), scale * t_cos
-        terms["hinton"] = hinton_kd(s_logits, t_logits, float(cfg["temperature"]))
-        weights["hinton"] = float(cfg["hinton_weight"])
-
-    pair_terms = {
-        "feature": ("feature_weight", lambda s, t: feature_kd(s, t, kind=cfg["feature_kind"])),
-        "rkd_distance": ("rkd_distance_weight", rkd_distance),
-        "rkd_angle": ("rkd_angle_weight", rkd_angle),
-        "similarity": ("similarity_weight", similarity_kd),
-    }
-    for name, (key, fn) in pair_terms.items():
-        if float(cfg[key]) != 0.0:
-            terms[name] = fn(student_embeddings, need("teacher_embeddings", teacher_embeddings, key))
-            weights[name] = float(cfg[key])
-
-    total = jnp.asarray(0.0, jnp.float32)
-    for name, value in terms.items():
-        total = total + weights[name] * value
+    total = float(cfg["ce_weight"]) * terms["ce"]
+    inputs = dict(given, labels=labels, student_embeddings=student_embeddings, student_cosine=student_cosine,
+                  logits=logits, scale=scale, margin=(m1, m2, m3),
+                  student_kd_embeddings=student_embeddings if student_kd_embeddings is None
+                  else student_kd_embeddings)
+    for m in methods:
+        if m.loss is None:
+            continue
+        terms[m.name] = m.loss(inputs, cfg)
+        total = total + float(cfg[m.switch]) * terms[m.name]
     terms["total"] = total
     return total, terms

@@ -8,16 +8,15 @@ import sys
 
 # TensorFlow is only the input pipeline: keep it off the accelerators JAX uses, and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:  # `from configs import default` inside config files, from any working directory
-    sys.path.insert(0, _REPO)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (FILE.py[:variant]).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "An ml_collections config file, FILE.py[:ARG]; ARG is comma-separated variants (smoke, tiny) "
+    "and key=value overrides (facekd_jax/config_lib.py). Fields can also be set with --config.FIELD=VALUE.",
+    lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and eval results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train: train (resuming if possible); eval: evaluate.")
 flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "eval mode: which checkpoint to evaluate.")
@@ -29,6 +28,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
+    from facekd_jax.cpu import xla_flags  # pure Python: flags only, no native code
+    xla_flags.apply_cpu_defaults(onednn=FLAGS.config.cpu_kernels != "xla")  # before JAX starts a backend
     from facekd_jax import train  # noqa: E402 (after TF is kept off the GPU)
 
     logging.info("config:\n%s", FLAGS.config)
@@ -39,20 +40,24 @@ def main(argv):
 
 
 def check_config_overrides(argv) -> None:
-    """Fails on an unknown `--config.a.b=...` key before absl does, naming the key and the valid ones."""
+    """Fails, in one line and before anything is written, on a missing config file, an unknown variant or
+    key=value in FILE.py:ARG, or an unknown `--config.a.b=...` key, naming it and the valid ones."""
     import importlib.util
 
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    if not path or not overrides:
+    if not path:
         return
     file, _, variant = path.partition(":")
-    if not os.path.exists(file):
+    if not os.path.isfile(file):
         sys.exit(f"error: --config={path}: config file {file} does not exist")
     spec = importlib.util.spec_from_file_location("_facekd_config", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant) if variant else module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config(variant) if variant else module.get_config()
+    except (KeyError, ValueError) as e:
+        sys.exit(f"error: --config={path}: {e.args[0] if e.args else e}")
     for key in overrides:
         node, walked = config, []
         for part in key.split("."):
@@ -66,12 +71,8 @@ def check_config_overrides(argv) -> None:
 
 def run():
     check_config_overrides(sys.argv[1:])
-    from facekd_jax import xla_flags
-    xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
     app.run(main)
 
 
 if __name__ == "__main__":
-    from facekd_jax import xla_flags
-    xla_flags.restart_with_cpu_memory_settings()  # first: glibc and ld.so read GLIBC_TUNABLES/LD_PRELOAD only at start
     run()

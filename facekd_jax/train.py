@@ -9,6 +9,7 @@ head's class axis is sharded over `model` (size 1 unless `mesh.model_parallelism
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -98,26 +99,47 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
 # ----------------------------------------------------------------------------------------------- models
 
 
-def build_student(config) -> nn.Module:
+def model_layers(config, mesh) -> Dict[str, Any]:
+    """The conv/norm layers handed to every model of the run, decided once from config.cpu_kernels ({} = flax's).
+
+    facekd_jax.cpu (oneDNN kernels) is imported only when asked for; "xla" never touches it.
+    """
+    if config.cpu_kernels == "xla":
+        return {}
+    from facekd_jax import cpu
+    return cpu.model_layers(config.cpu_kernels, num_devices=mesh.size)
+
+
+def build_student(config, layers: Optional[Mapping[str, Any]] = None) -> nn.Module:
     return models.build_model(config.model, embedding_size=config.embedding_size, dropout=config.dropout,
-                              dtype=config.dtype, image_size=config.data.image_size, head=config.head or None)
+                              dtype=config.dtype, image_size=config.data.image_size, head=config.head or None,
+                              **(layers or {}))
 
 
-def build_teacher(config) -> Optional[nn.Module]:
+def teacher_image_size(config) -> int:
+    """The teacher's input side: its own where the model fixes one (dlib_resnet29: 150), else the student's."""
+    return models.FIXED_IMAGE_SIZES.get(config.teacher.model, config.data.image_size)
+
+
+def build_teacher(config, layers: Optional[Mapping[str, Any]] = None) -> Optional[nn.Module]:
     if not config.teacher.model:
         return None
     return models.build_model(config.teacher.model, embedding_size=config.teacher.embedding_size,
-                              dtype=config.dtype, image_size=config.data.image_size,
-                              head=config.teacher.head or None)
+                              dtype=config.dtype, image_size=teacher_image_size(config),
+                              head=config.teacher.head or None, **(layers or {}))
 
 
 def needs_teacher(kd) -> bool:
-    return bool(kd.hinton_weight or kd.feature_weight or kd.rkd_distance_weight or kd.rkd_angle_weight
-                or kd.similarity_weight or kd.teacher_centres or kd.adaptive_margin)
+    """Whether the configured KD methods need a teacher at all (losses.KD_METHODS says what each needs)."""
+    return bool(losses.kd_needs(kd))
 
 
 def _needs_teacher_head(kd) -> bool:
-    return bool(kd.hinton_weight or kd.teacher_centres or kd.adaptive_margin)
+    return bool(losses.kd_needs(kd) & {"teacher_cosine", "teacher_centres"})
+
+
+def _needs_teacher_embeddings(kd) -> bool:
+    return bool(losses.kd_needs(kd) & {"teacher_embeddings", "teacher_cosine"})
 
 
 # ----------------------------------------------------------------------------------------------- optimiser
@@ -159,9 +181,11 @@ def make_optimizer(config, num_train_steps: int) -> Tuple[optax.GradientTransfor
                             nesterov=o.nesterov)]
         return optax.chain(*parts)
 
+    # The training-only projection (kd.projection) trains with the backbone.
     tx = optax.multi_transform(
         {"backbone": group(o.grad_clip, 1.0), "head": group(0.0, o.head_lr_multiplier)},
-        lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
+        lambda params: {k: jax.tree.map(lambda _: "head" if k == "head" else "backbone", v)
+                        for k, v in params.items()})
     return tx, schedule
 
 
@@ -169,23 +193,49 @@ def make_optimizer(config, num_train_steps: int) -> Tuple[optax.GradientTransfor
 
 
 def init_variables(model: nn.Module, num_classes: Optional[int], image_size: int, rng,
-                   embedding_size: int) -> Dict[str, PyTree]:
-    """{"params": {"backbone", "head"}, "batch_stats"} for a model and (when num_classes) its margin head."""
-    k_model, k_drop, k_head = jax.random.split(rng, 3)
+                   embedding_size: int, projection_size: int = 0) -> Dict[str, PyTree]:
+    """{"params": {"backbone", "head"[, "projection"]}, "batch_stats"} for a model, (when num_classes) its margin
+    head and (when projection_size) the training-only linear map of its embedding into the teacher's space."""
+    k_model, k_drop, k_head, k_proj = jax.random.split(rng, 4)
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = model.init({"params": k_model, "dropout": k_drop}, dummy, train=False)
     params = {"backbone": variables["params"]}
+    emb = jnp.zeros((2, embedding_size), jnp.float32)
     if num_classes:
-        head = losses.MarginHead(num_classes=num_classes)
-        emb = jnp.zeros((2, embedding_size), jnp.float32)
-        params["head"] = head.init(k_head, emb)["params"]
+        params["head"] = losses.MarginHead(num_classes=num_classes).init(k_head, emb)["params"]
+    if projection_size:
+        params["projection"] = _projection(projection_size).init(k_proj, emb)["params"]
     return {"params": params, "batch_stats": variables.get("batch_stats", {})}
+
+
+def _projection(size: int) -> nn.Module:
+    """Student embedding [B, E_s] -> [B, E_t] (no bias): what feature terms and teacher centres see when the
+    sizes differ (kd.projection). Training only: never part of an evaluated or exported student."""
+    return nn.Dense(size, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def projection_size(config) -> int:
+    """E_t when the student's embedding goes through a projection into the teacher's space, else 0.
+
+    Raises ValueError where sizes differ, the KD methods compare in the teacher's space, and kd.projection is off.
+    """
+    e_s, e_t = int(config.embedding_size), int(config.teacher.embedding_size)
+    in_teacher_space = losses.kd_needs(config.kd) & {"teacher_embeddings", "teacher_centres"}
+    if not in_teacher_space or e_s == e_t:
+        return 0
+    if not config.kd.projection:
+        raise ValueError(
+            f"embedding_size={e_s} differs from teacher.embedding_size={e_t}, and the KD terms "
+            f"({', '.join(m.name for m in losses.active_methods(config.kd))}) compare in the teacher's space: set "
+            f"--config.embedding_size={e_t}, or --config.kd.projection=True for a training-only linear map")
+    return e_t
 
 
 def _state_init_fn(config, model: nn.Module, tx, num_classes: int) -> Callable[[jax.Array], TrainState]:
     def init(rng):
         k_init, k_state = jax.random.split(rng)
-        variables = init_variables(model, num_classes, config.data.image_size, k_init, config.embedding_size)
+        variables = init_variables(model, num_classes, config.data.image_size, k_init, config.embedding_size,
+                                   projection_size(config))
         return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                           batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
                           rng=k_state, nonfinite_steps=jnp.zeros((), jnp.int32))
@@ -218,10 +268,15 @@ def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx
                     num_classes: int, state_sharding: PyTree) -> Callable:
     """Returns the jitted `train_step(state, batch, teacher_variables) -> (state, metrics)`.
 
-    teacher_variables: {"params": {"backbone", "head"}, "batch_stats"} of the frozen teacher (or {} without
-    KD). It is an argument, never donated and never differentiated, so the teacher cannot change.
+    batch: {"image", "label"[, "teacher_embedding" float [B, E_t]]}. With "teacher_embedding" (from a
+    teacher-embedding cache, through the input pipeline) the teacher never runs; else `teacher` runs on the images.
+    teacher_variables: {"params": {"backbone"?, "head"?}, "batch_stats"?} of the frozen teacher, "head" its class
+    centres [E_t, C] where a method needs them (or {} without KD). It is an argument, never donated and never
+    differentiated, so the teacher cannot change.
     """
     kd = config.kd
+    needs = losses.kd_needs(kd)
+    projection = projection_size(config)
     head = losses.MarginHead(num_classes=num_classes)
     margin = tuple(float(m) for m in config.margin_list)
     if config.nonfinite not in ("stop", "skip"):
@@ -233,19 +288,24 @@ def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx
         emb, new_model_state = student.apply(
             {"params": params["backbone"], "batch_stats": state.batch_stats}, images, train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        t_vars = jax.lax.stop_gradient(teacher_variables)
         t_emb = t_cos = None
-        if teacher is not None and teacher_variables:
-            t_vars = jax.lax.stop_gradient(teacher_variables)
+        if "teacher_embedding" in batch:
+            t_emb = batch["teacher_embedding"]
+        elif teacher is not None and _needs_teacher_embeddings(kd):
             t_emb = teacher.apply({"params": t_vars["params"]["backbone"], "batch_stats": t_vars["batch_stats"]},
                                   images, train=False)
-            if _needs_teacher_head(kd):
-                t_cos = head.apply({"params": t_vars["params"]["head"]}, t_emb)
-        centres = (jax.lax.stop_gradient(teacher_variables["params"]["head"]) if kd.teacher_centres
-                   else params["head"])
-        s_cos = head.apply({"params": centres}, emb)
+        if t_emb is not None and "teacher_cosine" in needs:
+            t_cos = head.apply({"params": t_vars["params"]["head"]}, t_emb)
+        # The student's embedding in the teacher's space: itself, or through the training-only projection.
+        kd_emb = _projection(projection).apply({"params": params["projection"]}, emb) if projection else emb
+        if kd.teacher_centres:
+            s_cos = head.apply({"params": t_vars["params"]["head"]}, kd_emb)
+        else:
+            s_cos = head.apply({"params": params["head"]}, emb)
         total, terms = losses.compute_loss(
             kd, labels=labels, student_embeddings=emb, student_cosine=s_cos, teacher_embeddings=t_emb,
-            teacher_cosine=t_cos, scale=config.scale, margin_list=margin)
+            teacher_cosine=t_cos, scale=config.scale, margin_list=margin, student_kd_embeddings=kd_emb)
         if debug_nan_step >= 0:  # test hook: poison one step's loss
             total = total * jnp.where(state.step == debug_nan_step, jnp.nan, 1.0)
             terms = dict(terms, total=total)
@@ -274,6 +334,61 @@ def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx
                    out_shardings=(state_sharding, NamedSharding(mesh, P())))
 
 
+# ----------------------------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run builds from its config before the first step: the one set-up that the loop, the tests and
+    the benchmarks share (`setup`)."""
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    num_classes: int
+    num_train_steps: int
+    layers: Dict[str, Any]           # conv/norm handed to the models ({} = flax's)
+    student: nn.Module
+    teacher: Optional[nn.Module]     # run live on the images; None without KD or with a teacher cache
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract: TrainState             # ShapeDtypeStructs with the target shardings (what a checkpoint restores into)
+    train_step: Callable             # jitted (state, batch, teacher_variables) -> (state, metrics)
+
+    @property
+    def state_sharding(self) -> PyTree:
+        return jax.tree.map(lambda a: a.sharding, self.abstract)
+
+    def init_state(self) -> TrainState:
+        return create_train_state(self.config, self.student, self.tx, self.num_classes, self.mesh)
+
+
+def setup(config, *, num_classes: int, mesh=None, num_train_steps: Optional[int] = None) -> Setup:
+    """Models (with the layers config.cpu_kernels picks, decided once here), optimiser, abstract state and the
+    jitted train step for `config` on `mesh` (default: all devices, config.mesh.model_parallelism)."""
+    mesh = make_mesh(config.mesh.model_parallelism) if mesh is None else mesh
+    steps = int(config.num_train_steps if num_train_steps is None else num_train_steps)
+    layers = model_layers(config, mesh)
+    student = build_student(config, layers)
+    live_teacher = needs_teacher(config.kd) and not config.teacher.cache and _needs_teacher_embeddings(config.kd)
+    teacher = None
+    if needs_teacher(config.kd):
+        if not config.teacher.model and not config.teacher.cache:
+            raise ValueError("config.kd has KD terms but neither config.teacher.model nor config.teacher.cache is set")
+        if live_teacher:
+            if teacher_image_size(config) != config.data.image_size:
+                raise ValueError(
+                    f"teacher {config.teacher.model!r} takes {teacher_image_size(config)}x{teacher_image_size(config)} "
+                    f"inputs with its own crop, the student {config.data.image_size}x{config.data.image_size}: build a "
+                    "teacher-embedding cache (python -m facekd_jax.teachers cache) and pass --config.teacher.cache=DIR")
+            teacher = build_teacher(config, layers)
+    projection_size(config)  # fails early, naming the fields, where embedding sizes cannot be compared
+    tx, schedule = make_optimizer(config, steps)
+    abstract = abstract_state(config, student, tx, num_classes, mesh)
+    step = make_train_step(config, student, teacher, tx, schedule, mesh, num_classes,
+                           jax.tree.map(lambda a: a.sharding, abstract))
+    return Setup(config=config, mesh=mesh, num_classes=num_classes, num_train_steps=steps, layers=layers,
+                 student=student, teacher=teacher, tx=tx, schedule=schedule, abstract=abstract, train_step=step)
+
+
 # ----------------------------------------------------------------------------------------------- teacher
 
 
@@ -286,23 +401,51 @@ def replicated_abstract_variables(model: nn.Module, num_classes: Optional[int], 
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
 
 
-def load_teacher(config, teacher: nn.Module, num_classes: int, mesh) -> Dict[str, PyTree]:
-    """Restores the teacher's params (backbone + head) and batch stats from `teacher.workdir` (replicated)."""
+def load_teacher(run: Setup) -> Dict[str, PyTree]:
+    """The frozen teacher's variables the train step needs, replicated on the run's mesh ({} without KD).
+
+    With config.teacher.cache: only the class centres where a method needs them (the cache's per-identity means,
+    facekd_jax.teachers.cache); the embeddings come with each batch. Otherwise restored from teacher.workdir:
+    the backbone (and batch stats) where the teacher runs live, the margin head where centres are needed.
+    """
+    config, mesh = run.config, run.mesh
+    if not needs_teacher(config.kd):
+        return {}
+    replicated = NamedSharding(mesh, P())
+    want_head = _needs_teacher_head(config.kd)
+    if config.teacher.cache:
+        if not want_head:
+            return {}
+        from facekd_jax.teachers import cache as cache_lib
+        centres = cache_lib.open_cache(config.teacher.cache).centres()
+        if centres.shape[1] != run.num_classes:
+            raise ValueError(f"config.teacher.cache={config.teacher.cache}: centres for {centres.shape[1]} "
+                             f"identities, the training data has {run.num_classes}")
+        return {"params": {"head": {"kernel": jax.device_put(np.asarray(centres, np.float32), replicated)}}}
     workdir = config.teacher.workdir
     if not workdir:
         raise ValueError("this config distils (config.kd has KD terms) but config.teacher.workdir is empty: "
                          "train a teacher first (configs/teacher_resnet18.py) and pass "
-                         "--config.teacher.workdir=THAT_WORKDIR")
-    abstract = replicated_abstract_variables(teacher, num_classes, config.data.image_size,
-                                             config.teacher.embedding_size, mesh)
+                         "--config.teacher.workdir=THAT_WORKDIR, or give --config.teacher.cache=DIR")
+    abstract: Dict[str, PyTree] = {"params": {}}
+    if run.teacher is not None:
+        shapes = replicated_abstract_variables(run.teacher, None, teacher_image_size(config),
+                                               config.teacher.embedding_size, mesh)
+        abstract = {"params": dict(shapes["params"]), "batch_stats": shapes["batch_stats"]}
+    if want_head:
+        abstract["params"]["head"] = {"kernel": jax.ShapeDtypeStruct(
+            (int(config.teacher.embedding_size), run.num_classes), jnp.float32, sharding=replicated)}
     try:
         variables, meta = ckpt_lib.restore_variables(workdir, abstract, which=config.teacher.checkpoint)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config.teacher.workdir: {e}") from e
     except Exception as e:
+        hint = ("An imported teacher (python -m facekd_jax.teachers import) has no class centres for this data: "
+                "build a teacher-embedding cache and pass --config.teacher.cache=DIR. " if want_head else "")
         raise RuntimeError(
-            f"cannot restore teacher {config.teacher.model!r} with {num_classes} classes from {workdir}: {e}. "
-            "Check that config.teacher.model/embedding_size and the training data match the teacher run.") from e
+            f"cannot restore teacher {config.teacher.model!r} with {run.num_classes} classes from {workdir}: {e}. "
+            f"{hint}Check that config.teacher.model/embedding_size and the training data match the teacher "
+            "run.") from e
     log.info("teacher %s restored from %s (step %s)", config.teacher.model, workdir, meta.get("step"))
     return variables
 
@@ -357,7 +500,7 @@ def resolve_spec(spec: str, config) -> str:
 
 def _check_train_spec(spec: str, key: str) -> None:
     kind, _, rest = spec.partition(":")
-    if kind in ("recordio", "folder", "lfw") and rest:
+    if kind in ("recordio", "folder", "lfw", "lfw-all") and rest:
         path = rest.split("@")[0]
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -382,7 +525,7 @@ def _eval_apply(model):
 
 
 def _format_metrics(metrics: Mapping[str, float]) -> str:
-    order = ["total", "ce", "hinton", "feature", "rkd_distance", "rkd_angle", "similarity"]
+    order = ["total", "ce", *(m.name for m in losses.KD_METHODS if m.loss is not None)]
     parts = [f"{k} {metrics[k]:.4f}" for k in order if k in metrics]
     return " ".join(parts)
 
@@ -412,25 +555,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if num_train_steps <= 0:
         num_train_steps = int(math.ceil(config.num_epochs * info["num_images"] / config.batch_size))
 
-    student = build_student(config)
-    teacher = build_teacher(config) if needs_teacher(config.kd) else None
-    if needs_teacher(config.kd) and teacher is None:
-        raise ValueError("config.kd has KD terms but config.teacher.model is empty")
-    tx, schedule = make_optimizer(config, num_train_steps)
+    run = setup(config, num_classes=num_classes, mesh=mesh, num_train_steps=num_train_steps)
+    student, train_step = run.student, run.train_step
+    teacher_embeddings = None
+    if config.teacher.cache and needs_teacher(config.kd):
+        from facekd_jax.teachers import cache as cache_lib
+        teacher_cache = cache_lib.open_cache(config.teacher.cache)
+        teacher_cache.check_matches(train_spec, source, teacher_workdir=config.teacher.workdir,
+                                    teacher_model=config.teacher.model,
+                                    embedding_size=config.teacher.embedding_size)
+        teacher_embeddings = teacher_cache.embeddings
 
-    abstract = abstract_state(config, student, tx, num_classes, mesh)
-    restored, meta = ckpt.restore_latest(abstract.as_dict())
+    restored, meta = ckpt.restore_latest(run.abstract.as_dict())
     if restored is not None:
         state = TrainState(**restored)
         log.info("resumed from step %d of %s", int(state.step), workdir)
     else:
-        state = create_train_state(config, student, tx, num_classes, mesh)
+        state = run.init_state()
     start_step = int(state.step)
 
-    teacher_variables = load_teacher(config, teacher, num_classes, mesh) if teacher is not None else {}
-    train_step = make_train_step(config, student, teacher, tx, schedule, mesh, num_classes,
-                                 jax.tree.map(lambda a: a.sharding, abstract))
+    teacher_variables = load_teacher(run)
     val_targets = load_val_targets(config) if config.data.val_targets else {}
+    # One apply function for the run: evaluate's jitted embed is cached on it, so periodic evaluations compile once.
+    eval_apply = _eval_apply(student)
 
     if process_index == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -440,7 +587,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     batches, _ = data_lib.make_train_dataset(train_spec, batch_size=config.batch_size // process_count,
                                              image_size=config.data.image_size, seed=config.seed,
                                              start_step=start_step, process_index=process_index,
-                                             process_count=process_count)
+                                             process_count=process_count, teacher_embeddings=teacher_embeddings)
     batches = iter(batches)
 
     def meta_for(step, last_metrics):
@@ -449,7 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
     def run_eval(step) -> Dict[str, Any]:
         variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
-        results = eval_lib.evaluate_targets(_eval_apply(student), variables, val_targets, step=step,
+        results = eval_lib.evaluate_targets(eval_apply, variables, val_targets, step=step,
                                             batch_size=config.eval_batch_size, mesh=mesh, log=log.info)
         writer.write_scalars(step, _best_metrics(results))
         return results

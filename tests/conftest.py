@@ -5,16 +5,10 @@ import pathlib
 # Sharding is tested on 8 fake CPU devices; this must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The XLA:CPU defaults facekd_jax.main applies (YNNPACK fusions), so the tests run the code users run; the
-# subprocesses the tests start inherit them. facekd_jax.xla_flags imports no JAX.
-from facekd_jax import xla_flags  # noqa: E402
+# subprocesses the tests start inherit them. facekd_jax.cpu.xla_flags imports no JAX.
+from facekd_jax.cpu import xla_flags  # noqa: E402
 
 xla_flags.apply_cpu_defaults()
-# The subprocesses the tests start get the huge-page tunable and the large-block cache the entry points restart
-# with (this process keeps its allocator: glibc reads GLIBC_TUNABLES, and ld.so LD_PRELOAD, only at start).
-if xla_flags.huge_pages_wanted():
-    xla_flags.with_huge_pages(os.environ)
-if xla_flags.block_cache_wanted() and (_block_cache := xla_flags.build_block_cache()) is not None:
-    xla_flags.with_block_cache(os.environ, _block_cache)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # One persistent XLA cache for the whole session, shared with the subprocesses the tests start: the same train

@@ -11,40 +11,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# Small enough to compile and run in seconds on 2 CPU cores, large enough to learn the synthetic faces.
-TINY = {
-    "model": "resnet8",
-    "teacher.model": "resnet10",
-    "data.image_size": 16,
-    "data.train": "synthetic:8:16",
-    "data.val_targets": ("synthetic:40",),
-    "embedding_size": 32,
-    "teacher.embedding_size": 32,
-    "batch_size": 16,
-    "eval_batch_size": 40,
-    "num_train_steps": 6,
-    "checkpoint_every_steps": 2,
-    "eval_every_steps": -1,
-    "log_every_steps": 2,
-    "best_metric": "",
-}
+# The config variant "tiny" (facekd_jax/config_lib.py): seconds to compile and run on 2 CPU cores.
+TINY_ARG = "tiny"
 
 
 def tiny_config(module: str = "baseline_resnet56", workdir: Optional[str] = None, **overrides):
-    """configs/<module>.py:smoke shrunk to TINY, with dotted-key overrides (e.g. **{"kd.feature_weight": 1.0})."""
+    """configs/<module>.py:tiny with dotted-key overrides (e.g. **{"kd.feature_weight": 1.0})."""
     import importlib
 
-    c = importlib.import_module(f"configs.{module}").get_config("smoke")
-    values = dict(TINY)
-    values.update(overrides)
-    for key, value in values.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf == "model" and parents == ["teacher"] and not node.model:
+    from facekd_jax import config_lib
+
+    c = importlib.import_module(f"configs.{module}").get_config(TINY_ARG)
+    for key, value in overrides.items():
+        if key == "teacher.model" and not c.teacher.model:
             continue  # no teacher in this config: leave it without one
-        node[leaf] = value
+        config_lib.set_field(c, key, value)
     if workdir and c.teacher.model:
         c.teacher.workdir = str(workdir)
     return c
@@ -57,12 +38,12 @@ def _flag(key: str, value) -> str:
 
 
 def main_command(config_file: str, workdir, overrides: Optional[Dict] = None, mode: str = "train") -> list:
-    values = dict(TINY)
-    values.update(overrides or {})
-    args = [sys.executable, "-m", "facekd_jax.main", f"--config={REPO / config_file}", f"--workdir={workdir}",
-            f"--mode={mode}"]
+    """`python -m facekd_jax.main` on configs/FILE.py:tiny with --config.KEY=VALUE overrides."""
+    config = f"{config_file},{TINY_ARG}" if ":" in config_file else f"{config_file}:{TINY_ARG}"
+    args = [sys.executable, "-m", "facekd_jax.main", f"--config={REPO / config}",
+            f"--workdir={workdir}", f"--mode={mode}"]
     teacherless = "baseline" in config_file or "teacher_" in config_file
-    for key, value in values.items():
+    for key, value in (overrides or {}).items():
         if teacherless and key == "teacher.model":
             continue
         args.append(_flag(key, value))
@@ -105,22 +86,18 @@ def load_params(workdir, which: str = "latest"):
 
 
 def train_setup(config, mesh, num_classes=8, teacher_seed=1):
-    """(train state, jitted train step, teacher variables) for `config` on `mesh`, as the training loop builds them."""
+    """(train state, jitted train step, teacher variables) for `config` on `mesh`, from train.setup (the loop's own
+    set-up); the teacher's variables are random (seeded), with its margin head."""
     import jax
 
     from facekd_jax import train
 
-    student = train.build_student(config)
-    teacher = train.build_teacher(config) if train.needs_teacher(config.kd) else None
-    tx, schedule = train.make_optimizer(config, config.num_train_steps)
-    state = train.create_train_state(config, student, tx, num_classes, mesh)
-    shardings = jax.tree.map(lambda a: a.sharding, train.abstract_state(config, student, tx, num_classes, mesh))
-    step = train.make_train_step(config, student, teacher, tx, schedule, mesh, num_classes, shardings)
+    run = train.setup(config, num_classes=num_classes, mesh=mesh)
     tvars = {}
-    if teacher is not None:
-        tvars = train.init_variables(teacher, num_classes, config.data.image_size, jax.random.PRNGKey(teacher_seed),
+    if run.teacher is not None:
+        tvars = train.init_variables(run.teacher, num_classes, config.data.image_size, jax.random.PRNGKey(teacher_seed),
                                      config.teacher.embedding_size)
-    return state, step, tvars
+    return run.init_state(), run.train_step, tvars
 
 
 def synthetic_batches(config, n, num_classes=8):

@@ -1,4 +1,5 @@
-"""facekd_jax.models.onednn_conv: oneDNN's convolution passes equal XLA's, and are used only where they apply."""
+"""facekd_jax.cpu: oneDNN's convolution passes and the fused batch norm equal XLA's and flax's, and are handed to
+the models only where config.cpu_kernels and the platform allow."""
 import importlib.metadata
 import platform
 import sys
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from facekd_jax.models import onednn_conv
+from facekd_jax import cpu
+from facekd_jax.cpu import onednn as onednn_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -113,32 +115,33 @@ def test_supports_only_what_onednn_computes_exactly():
                                     jax.ShapeDtypeStruct((3, 4, 8), jnp.float32), **ok)
 
 
-def test_several_devices_disabled_block_and_opt_out_use_xla(monkeypatch):
-    """The tests run on 8 fake CPU devices, where a batch may be sharded: XLA's convolution is traced."""
-    assert jax.device_count() > 1
-    assert not onednn_conv.enabled()
+def test_conv_takes_onednn_only_where_it_computes_the_call_exactly():
     x = jnp.ones((2, 8, 8, 4))
     w = jnp.ones((3, 3, 4, 8))
     conv = lambda x, w: onednn_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
-    hlo = jax.jit(conv).lower(x, w).as_text()
-    assert "facekd_onednn" not in hlo and "convolution" in hlo
-    np.testing.assert_allclose(jax.jit(conv)(x, w), _reference(x, w, (1, 1), ((1, 1), (1, 1))))
-
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)  # as on a real single-device CPU
     if onednn_conv.available():
-        assert onednn_conv.enabled()
-        # a new function to jit: jit's cache would hand back the trace made above with XLA's convolution
-        assert "facekd_onednn_conv_fwd" in jax.jit(lambda x, w: conv(x, w)).lower(x, w).as_text()
-        np.testing.assert_allclose(jax.jit(lambda x, w: conv(x, w))(x, w), _reference(x, w, (1, 1), ((1, 1), (1, 1))), rtol=1e-6)
-        cropped = lambda x, w: onednn_conv.conv_general_dilated(x, w, (1, 1), ((-1, 0), (1, 1)),
-                                                                dimension_numbers=NHWC)
-        assert "facekd_onednn" not in jax.jit(cropped).lower(x, w).as_text()  # negative padding: XLA's
-        np.testing.assert_allclose(jax.jit(cropped)(x, w), _reference(x, w, (1, 1), ((-1, 0), (1, 1))))
-    with onednn_conv.disabled():
-        assert not onednn_conv.enabled()
-        assert "facekd_onednn" not in jax.jit(lambda x, w: conv(x, w)).lower(x, w).as_text()
-    monkeypatch.setenv(onednn_conv.OPT_OUT, "0")
-    assert not onednn_conv.enabled()
+        assert "facekd_onednn_conv_fwd" in jax.jit(conv).lower(x, w).as_text()
+    np.testing.assert_allclose(jax.jit(conv)(x, w), _reference(x, w, (1, 1), ((1, 1), (1, 1))), rtol=1e-6)
+    cropped = lambda x, w: onednn_conv.conv_general_dilated(x, w, (1, 1), ((-1, 0), (1, 1)), dimension_numbers=NHWC)
+    assert "facekd_onednn" not in jax.jit(cropped).lower(x, w).as_text()  # negative padding: XLA's
+    np.testing.assert_allclose(jax.jit(cropped)(x, w), _reference(x, w, (1, 1), ((-1, 0), (1, 1))))
+
+
+def test_model_layers_decided_once_from_the_config_choice():
+    """The tests run on 8 fake CPU devices: "auto" gives flax's layers there (the custom calls have no SPMD rule),
+    "onednn" refuses naming why, "xla" never asks; on one device "auto" gives the oneDNN layers where available."""
+    assert cpu.model_layers("xla", num_devices=1) == {}
+    assert cpu.model_layers("auto", num_devices=8) == {}
+    with pytest.raises(RuntimeError, match="8 devices"):
+        cpu.model_layers("onednn", num_devices=8)
+    with pytest.raises(ValueError, match="cpu_kernels='fast'"):
+        cpu.model_layers("fast", num_devices=1)
+    one = cpu.model_layers("auto", num_devices=1)
+    if onednn_conv.available():
+        from facekd_jax.cpu.layers import FusedBatchNorm, OnednnConv
+        assert one == {"conv": OnednnConv, "norm": FusedBatchNorm}
+    else:
+        assert one == {}
 
 
 def test_a_failed_build_names_the_cause(monkeypatch, tmp_path):
@@ -148,12 +151,12 @@ def test_a_failed_build_names_the_cause(monkeypatch, tmp_path):
         return
     monkeypatch.setenv("FACEKD_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    with pytest.raises(onednn_conv.BuildError, match="compiling onednn_conv.cc failed"):
+    with pytest.raises(onednn_conv.BuildError, match="compiling onednn.cc failed"):
         onednn_conv.build()
     assert list(tmp_path.iterdir()) == []  # nothing half-written left in the cache
 
 
-# --- the fused training-mode batch norm (layers.BatchNorm's fast path) ---
+# --- the fused training-mode batch norm (cpu.layers.FusedBatchNorm) ---
 
 def _bn_reference(x, scale, bias, residual, relu):
     """float64 y = [relu](BN(x) [+ residual]) with the biased batch variance, as torch/flax train mode."""
@@ -212,34 +215,36 @@ def test_batch_norm_forward_and_gradients_match_float64(mode, shape, dtype):
 @needs_onednn
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("fuse", ["plain", "relu", "residual"])
-def test_batch_norm_module_equals_flax_batch_norm(fuse, dtype, monkeypatch):
-    """layers.BatchNorm's fast path: the same variables, outputs, running statistics and gradients as
-    nn.BatchNorm followed by the add and ReLU (its own fallback, taken inside onednn_conv.disabled())."""
-    from facekd_jax.models import layers
+def test_batch_norm_module_equals_flax_batch_norm(fuse, dtype):
+    """cpu.layers.FusedBatchNorm: the same variables, outputs, running statistics and gradients as flax's
+    nn.BatchNorm followed by the add and ReLU (models.layers.norm_act with flax's module)."""
+    import flax.linen as nn
 
-    monkeypatch.setattr(onednn_conv, "enabled", lambda: not getattr(onednn_conv._disabled, "on", False))  # 8 fake
-    # devices in this process turn the fast path off; one device is what it is for
+    from facekd_jax.cpu.layers import FusedBatchNorm
+    from facekd_jax.models import layers
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((4, 6, 6, 8), dtype=np.float32) * 2 + 0.5).astype(dtype)
     r = jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32)).astype(dtype) if fuse == "residual" else None
     kwargs = dict(relu=fuse != "plain", residual=r)
-    bn = layers.batch_norm(train=True, dtype=jnp.dtype(dtype))
-    with onednn_conv.disabled():
-        variables = bn.init(jax.random.PRNGKey(0), x, **kwargs)
+    fused = layers.batch_norm(train=True, dtype=jnp.dtype(dtype), module=FusedBatchNorm)
+    plain = layers.batch_norm(train=True, dtype=jnp.dtype(dtype), module=nn.BatchNorm)
+    variables = plain.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(fused.init(jax.random.PRNGKey(0), x, **kwargs)) == jax.tree.structure(variables)
     variables = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size, dtype=a.dtype), variables)
 
-    def loss(params, x):
-        y, updates = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, **kwargs,
-                              mutable=["batch_stats"])
-        assert y.dtype == x.dtype
-        y = y.astype(jnp.float32)
-        return jnp.sum(y * jnp.cos(y)), (y, updates)
+    def loss_of(bn):
+        def loss(params, x):
+            y, updates = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                  method=lambda m, x: layers.norm_act(m, x, **kwargs), mutable=["batch_stats"])
+            assert y.dtype == x.dtype
+            y = y.astype(jnp.float32)
+            return jnp.sum(y * jnp.cos(y)), (y, updates)
+        return loss
 
-    fast = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-    with onednn_conv.disabled():
-        slow = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-        want = slow(variables["params"], x)
+    fast = jax.jit(jax.grad(loss_of(fused), argnums=(0, 1), has_aux=True))
+    slow = jax.jit(jax.grad(loss_of(plain), argnums=(0, 1), has_aux=True))
+    want = slow(variables["params"], x)
     assert "facekd_batch_norm_fwd" in fast.lower(variables["params"], x).compile().as_text()
     assert "facekd_batch_norm_fwd" not in slow.lower(variables["params"], x).compile().as_text()
     got = fast(variables["params"], x)

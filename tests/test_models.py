@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from facekd_jax.models import MODEL_NAMES, build_model, count_params, model_summary
+from facekd_jax.models import FIXED_SHAPES, MODEL_NAMES, build_model, count_params, model_summary
+
+TRAINABLE = [name for name in MODEL_NAMES if name not in FIXED_SHAPES]  # imported networks are eval-only
 from facekd_jax.models.__main__ import main as table_main
 from facekd_jax.models.heads import EmbeddingHead
 from facekd_jax.models.layers import batch_norm
@@ -98,6 +100,21 @@ def test_default_heads():
     assert build_model("iresnet50", head="gap").head == "gap"
 
 
+def test_mobilefacenet_matches_the_paper_in_size_and_compute():
+    """Chen et al. 2018: 0.99 M parameters and 221 M multiply-adds at 112x112 with a 128-d embedding."""
+    summary = model_summary("mobilefacenet", image_size=112, embedding_size=128)
+    assert summary["params"] == pytest.approx(0.99e6, rel=0.02), summary["params"]
+    assert summary["gmacs"] == pytest.approx(0.221, rel=0.05), summary["gmacs"]
+    assert summary["head"] == "gdc"
+    with pytest.raises(ValueError, match="its own"):
+        build_model("mobilefacenet", head="gap")
+    # The GDConv covers whatever the last map is: a 64x64 input (4x4 map) builds and embeds.
+    small = build_model("mobilefacenet", image_size=64, embedding_size=32)
+    variables = small.init(jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3)))
+    assert variables["params"]["gdc"]["conv"]["kernel"].shape == (4, 4, 1, 512)
+    assert small.apply(variables, jnp.zeros((2, 64, 64, 3))).shape == (2, 32)
+
+
 # ---------------------------------------------------------------- sizes at 112 (eval_shape only)
 
 
@@ -140,7 +157,7 @@ def test_head_fc_input_follows_head_kind_and_image_size(name, head, size, fc_in)
     assert set(variables["params"]["head"]["features"]) == {"bias"}
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_weight_leaves_are_named_kernel_and_nothing_else_is(name):
     params = _init_shapes(build_model(name, dtype="bfloat16"), 112)["params"]
     leaves = _leaves_with_names(params)

@@ -15,7 +15,8 @@ from facekd_jax import train
 
 def test_sharded_step_equals_single_device_step_and_teacher_is_untouched():
     """3 KD steps on 1 device, on 8 (data) and on 4x2 (data x model: class-sharded head) agree."""
-    config = tiny_config("feature_kd", **{"kd.hinton_weight": 0.5, "teacher.model": "resnet8"})
+    # flax's layers on both meshes: the sharding is under test here (the [cpu] layers: test_xla_flags.py)
+    config = tiny_config("feature_kd", **{"kd.hinton_weight": 0.5, "teacher.model": "resnet8", "cpu_kernels": "xla"})
     batches = synthetic_batches(config, 3)
     results = {}
     # 4x2 covers both the data-parallel gradient all-reduce and the class-sharded head in one compile.

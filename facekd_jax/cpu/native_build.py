@@ -1,9 +1,7 @@
-"""Compiling facekd_jax's small native pieces on first use, into a per-user cache (no JAX import here).
+"""Compiling the oneDNN handlers (cpu/onednn.cc, by cpu/onednn.py) on first use, into a per-user cache.
 
-Two pieces are built from source with the system compiler: the oneDNN convolution and batch-norm handlers
-(models/onednn_conv.cc, by models/onednn_conv.py) and the large-block cache that the CPU entry points preload
-(block_cache.c, by xla_flags.py). Both land in $FACEKD_CACHE_DIR (default ~/.cache/facekd_jax) under a name
-keyed by the source, the command and any versions given, so a changed source or library gets a new build.
+The library lands in $FACEKD_CACHE_DIR (default ~/.cache/facekd_jax) under a name keyed by the source, the
+command and any versions given, so a changed source or library gets a new build. No JAX import here.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 // gradient of an NHWC x HWIO -> NHWC convolution (any kernel size, stride and explicit padding, no dilation, one
 // group), float32 or bfloat16. Then the training-mode batch norm that sits between them, fused with its ReLU or
 // residual add and ReLU (plain C++/OpenMP loops, forward and backward). Built and registered by
-// facekd_jax/models/onednn_conv.py, which documents why.
+// facekd_jax/cpu/onednn.py, which documents why.
 #include <omp.h>
 
 #include <algorithm>

@@ -3,34 +3,30 @@
 XLA:CPU runs convolutions with Eigen (or YNNPACK), and with the 16 and 32 channels of resnet56's first stages
 those are 2-5x slower than oneDNN's (`python benchmarks/conv_layer.py --torch`; the weight gradient is the worst).
 Here the three passes of a convolution (forward, input gradient, weight gradient) call oneDNN through XLA's FFI
-(facekd_jax/models/onednn_conv.cc) with a `jax.custom_vjp`, so a train step on a CPU runs the same convolution
+(facekd_jax/cpu/onednn.cc) with a `jax.custom_vjp`, so a train step on a CPU runs the same convolution
 kernels as PyTorch's; everything else stays XLA's. Results equal XLA's up to float summation order
-(tests/test_onednn_conv.py).
+(tests/test_cpu_kernels.py).
 
 The same library holds the training-mode batch norm that sits between the convolutions, fused with the ReLU or
 the residual add and ReLU that follow it (`batch_norm_train`, used by models/layers.BatchNorm): two-pass C++
 loops each way. It is faster than XLA:CPU's fusions, and it stops XLA from recomputing a ResNet stage's whole
-residual chain inside every later element-wise fusion (resnet56 step: 9% faster, tests/test_onednn_conv.py
+residual chain inside every later element-wise fusion (resnet56 step: 9% faster, tests/test_cpu_kernels.py
 checks it against float64).
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`,
-as models/layers.py uses it). It takes the oneDNN path only where it is known to be right and faster, decided
-when the function is traced:
-- JAX's default backend is the CPU with a single device (what a CPU training run has). GPUs and TPUs, and
-  several (fake) CPU devices where a batch is sharded, get XLA's convolution: the custom call has no SPMD
-  partitioning rule;
-- 2-D NHWC x HWIO -> NHWC, no dilation, one feature group, float32 or bfloat16 operands of one dtype;
-- the library is available: the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels (pyproject pins them on
-  Linux x86-64), a C++ compiler (`c++`, or $CXX) and jaxlib's FFI headers. The handlers are compiled once, on
-  first use, into $FACEKD_CACHE_DIR (default ~/.cache/facekd_jax; facekd_jax/native_build.py), keyed by the source and
-  library versions;
-  a failed build logs why, once, and XLA's convolution is used;
-- not opted out: `FACEKD_ONEDNN=0` in the environment, or `with onednn_conv.disabled():` around the tracing
-  (models.summary does that to count FLOPs, which XLA's cost analysis cannot see inside a custom call).
+as facekd_jax.cpu.layers.OnednnConv uses it). It takes the oneDNN path where the call is one it computes exactly
+(`supports`: 2-D NHWC x HWIO -> NHWC, no dilation, one feature group, float32 or bfloat16 operands of one dtype)
+and XLA's convolution otherwise. Whether a run uses these kernels at all is decided once, by the set-up, from
+`config.cpu_kernels` (facekd_jax.cpu.model_layers): only on a single-device CPU, because the custom calls have no
+SPMD partitioning rule.
+
+The library needs the `[cpu]` extra (the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels), a C++ compiler
+(`c++`, or $CXX) and jaxlib's FFI headers. The handlers are compiled once, on first use, into $FACEKD_CACHE_DIR
+(default ~/.cache/facekd_jax; facekd_jax/cpu/native_build.py), keyed by the source and library versions;
+`available()` says whether that worked and `unavailable_reason()` why not.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import importlib.metadata
@@ -45,10 +41,9 @@ import jax
 import numpy as np
 from jax import lax
 
-from facekd_jax import native_build, xla_flags
+from facekd_jax.cpu import native_build, xla_flags
 
-OPT_OUT = xla_flags.ONEDNN_OPT_OUT  # "FACEKD_ONEDNN"
-SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+SOURCE = pathlib.Path(__file__).with_name("onednn.cc")
 RUNTIME_DIST, HEADERS_DIST = xla_flags.ONEDNN_DIST, "onednn-devel-cpu-gomp"
 TARGETS = {"forward": ("facekd_onednn_conv_fwd", "FacekdOnednnConvFwd"),
            "input_grad": ("facekd_onednn_conv_bwd_data", "FacekdOnednnConvBwdData"),
@@ -59,7 +54,6 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 _lock = threading.Lock()
 _state: dict = {}  # "available": bool once decided, "reason": why not
-_disabled = threading.local()
 
 
 BuildError = native_build.BuildError  # the handlers could not be built (the message says why)
@@ -79,7 +73,7 @@ def _dist_file(dist: str, suffix: str) -> pathlib.Path:
 
 
 def build(force: bool = False) -> pathlib.Path:
-    """Compiles onednn_conv.cc into the cache (once per source, library versions and command); returns the .so.
+    """Compiles onednn.cc into the cache (once per source, library versions and command); returns the .so.
 
     OpenMP for the batch-norm loops, and no trapping math so that their ReLU masks vectorise (else branches).
     """
@@ -112,39 +106,13 @@ def available() -> bool:
                 _state.update(available=True, reason="")
             except (BuildError, OSError, AttributeError) as e:
                 _state.update(available=False, reason=str(e))
-                logging.warning("facekd_jax: oneDNN convolutions unavailable, using XLA's: %s", e)
+                logging.info("facekd_jax: oneDNN kernels unavailable: %s", e)
         return _state["available"]
 
 
 def unavailable_reason() -> str:
     available()
     return _state["reason"]
-
-
-@contextlib.contextmanager
-def disabled():
-    """Traces inside this block use XLA's convolution (thread-local).
-
-    The choice is made when a function is traced, and jax.jit caches traces: jit a new function inside the block
-    (as models.summary does); one already traced outside keeps its convolutions.
-    """
-    before = getattr(_disabled, "on", False)
-    _disabled.on = True
-    try:
-        yield
-    finally:
-        _disabled.on = before
-
-
-def enabled() -> bool:
-    """Whether a convolution traced now, in this process and thread, would go to oneDNN (shape rules aside)."""
-    if getattr(_disabled, "on", False):
-        return False
-    if xla_flags.opted_out(OPT_OUT):
-        return False
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return False
-    return available()
 
 
 def _pads(padding) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -172,7 +140,7 @@ def _out_shape(x_shape, w_shape, strides, padding):
 def conv2d(x, w, strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]):
     """oneDNN convolution: x [N,H,W,Ci], w [KH,KW,Ci,Co] -> [N,OH,OW,Co]; padding ((top, bottom), (left, right)).
 
-    No fallback: callers check `enabled()` (conv_general_dilated does).
+    No fallback: callers check `available()` and `supports(...)` (conv_general_dilated does).
     """
     return _call("forward", _out_shape(x.shape, w.shape, strides, padding), x.dtype, x, w, strides, padding)
 
@@ -210,12 +178,12 @@ def supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dime
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated` with oneDNN's kernels where `enabled()` and `supports(...)`, else XLA's."""
+    """`lax.conv_general_dilated` with oneDNN's kernels where `available()` and `supports(...)`, else XLA's."""
     strides = tuple(int(s) for s in window_strides)
     pads = None
-    if (enabled() and batch_group_count == 1 and preferred_element_type is None
+    if (batch_group_count == 1 and preferred_element_type is None
             and supports(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                         feature_group_count)):
+                         feature_group_count) and available()):
         pads = _pads(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
                      if isinstance(padding, str) else padding)
         if any(p < 0 for pair in pads for p in pair) or min(_out_shape(lhs.shape, rhs.shape, strides, pads)) < 1:
@@ -271,7 +239,7 @@ def batch_norm_train(x, scale, bias, residual=None, *, epsilon: float, relu: boo
     x [N,H,W,C] float32 or bfloat16 (residual and y the same; arithmetic in float32); scale, bias [C] float32;
     mean/var [C] float32, the biased batch statistics (no gradient).
     A residual needs relu=True (the add-and-ReLU of torchvision's basic block). No fallback: callers check
-    `enabled()` (layers.BatchNorm does).
+    `available()` (facekd_jax.cpu.model_layers does, before handing out layers.FusedBatchNorm).
     """
     if residual is not None and not relu:
         raise ValueError("batch_norm_train: a residual is only fused together with relu=True")

@@ -133,8 +133,25 @@ def _example_indices(seed: int, positions: tf.Tensor, n: int) -> tf.Tensor:
     return tf.raw_ops.RandomIndexShuffle(index=offset, seed=seeds, max_index=tf.constant(n - 1, tf.int64))
 
 
-def _finish(images: tf.Tensor, labels: tf.Tensor, flips: tf.Tensor, augment: bool) -> Dict[str, tf.Tensor]:
-    """uint8 [B, S, S, 3], int32 [B], bool [B] -> {"image": float32 (x - 127.5) / 127.5, "label": int32}."""
+def _teacher_gather(embeddings: np.ndarray, augment: bool):
+    """(index int64 [B], flip bool [B]) -> float32 [B, E]: the cached teacher embedding of each example as the
+    student sees it (its mirror's where the image was flipped). Reads only those rows of the memory map."""
+    size = int(embeddings.shape[-1])
+
+    def gather(index, flips):
+        column = flips.astype(np.int64) if augment else np.zeros_like(index)
+        return np.asarray(embeddings[index, column], np.float32)
+
+    def lookup(index: tf.Tensor, flips: tf.Tensor) -> tf.Tensor:
+        out = tf.numpy_function(gather, [index, flips], tf.float32, stateful=False)
+        return tf.ensure_shape(out, [None, size])
+    return lookup
+
+
+def _finish(images: tf.Tensor, labels: tf.Tensor, flips: tf.Tensor, augment: bool, index: Optional[tf.Tensor] = None,
+            teacher=None) -> Dict[str, tf.Tensor]:
+    """uint8 [B, S, S, 3], int32 [B], bool [B] -> {"image": float32 (x - 127.5) / 127.5, "label": int32}, plus
+    "teacher_embedding" float32 [B, E] = teacher(index, flips) where a teacher lookup is given."""
     if augment:
         # Reverse only the flipped half and stitch the batch back: ~6x cheaper than a broadcast tf.where.
         which = tf.cast(flips, tf.int32)
@@ -142,12 +159,16 @@ def _finish(images: tf.Tensor, labels: tf.Tensor, flips: tf.Tensor, augment: boo
         slots = tf.dynamic_partition(tf.range(tf.shape(images)[0]), which, 2)
         images = tf.dynamic_stitch(slots, [keep, tf.reverse(flip, axis=[2])])
     images = (tf.cast(images, tf.float32) - 127.5) / 127.5
-    return {"image": images, "label": labels}
+    out = {"image": images, "label": labels}
+    if teacher is not None:
+        out["teacher_embedding"] = teacher(index, flips)
+    return out
 
 
 def _decode_with_replacement(src: sources_lib.IndexedSource, index: tf.Tensor, encoded: tf.Tensor,
                              image_size: int, labels_t: tf.Tensor):
-    """Decode example `index`; if corrupt, try index+1, index+2, ... (mod N). -> (uint8 [S,S,3], label, ok)."""
+    """Decode example `index`; if corrupt, try index+1, index+2, ... (mod N).
+    -> (uint8 [S,S,3], label, ok, the index of the example decoded)."""
     n = src.num_images
 
     def attempt(j, data):
@@ -164,11 +185,12 @@ def _decode_with_replacement(src: sources_lib.IndexedSource, index: tf.Tensor, e
         return tries + 1, j, image, ok
 
     _, j, image, ok = tf.while_loop(cond, body, (tf.constant(0, tf.int64), index, image, ok))
-    return image, tf.gather(labels_t, j), ok
+    return image, tf.gather(labels_t, j), ok, j
 
 
 def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_size: int, seed: int,
-                     start_step: int, augment: bool, process_index: int, process_count: int) -> tf.data.Dataset:
+                     start_step: int, augment: bool, process_index: int, process_count: int,
+                     teacher=None) -> tf.data.Dataset:
     n = src.num_images
     global_batch = batch_size * process_count
     labels_t = tf.constant(src.labels, tf.int32)
@@ -180,7 +202,7 @@ def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_s
 
     ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // max(global_batch, 1)).map(step_positions)
     if src.render is not None:
-        ds = ds.map(lambda idx, flip: _finish(src.render(idx), tf.gather(labels_t, idx), flip, augment),
+        ds = ds.map(lambda idx, flip: _finish(src.render(idx), tf.gather(labels_t, idx), flip, augment, idx, teacher),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds
 
@@ -193,13 +215,13 @@ def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_s
     def load(index, flip, encoded):
         if not src.read_batched:
             encoded = src.read(index)
-        image, label, ok = _decode_with_replacement(src, index, encoded, image_size, labels_t)
-        return image, label, flip, ok
+        image, label, ok, used = _decode_with_replacement(src, index, encoded, image_size, labels_t)
+        return image, label, flip, ok, used
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(lambda image, label, flip, ok: ok)  # only after MAX_REPLACEMENTS corrupt images in a row
+    ds = ds.filter(lambda image, label, flip, ok, used: ok)  # only after MAX_REPLACEMENTS corrupt images in a row
     ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.map(lambda images, labels, flips, ok: _finish(images, labels, flips, augment),
+    return ds.map(lambda images, labels, flips, ok, used: _finish(images, labels, flips, augment, used, teacher),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -225,8 +247,8 @@ def _stream_dataset(src: sources_lib.StreamSource, *, batch_size: int, image_siz
 
 def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, seed: int = 0, start_step: int = 0,
                        augment: bool = True, process_index: Optional[int] = None,
-                       process_count: Optional[int] = None,
-                       shuffle_buffer: Optional[int] = None) -> Tuple[Batches, Dict[str, Any]]:
+                       process_count: Optional[int] = None, shuffle_buffer: Optional[int] = None,
+                       teacher_embeddings: Optional[np.ndarray] = None) -> Tuple[Batches, Dict[str, Any]]:
     """Training batches for this process.
 
     spec: see facekd_jax.data.sources (synthetic | folder: | lfw: | recordio: | tfrecord: | tfds:).
@@ -235,6 +257,9 @@ def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, see
     process_index / process_count: default jax.process_index() / jax.process_count().
     shuffle_buffer: examples in the shuffle buffer of streaming sources (tfrecord, tfds); indexed sources
       shuffle globally and ignore it.
+    teacher_embeddings: float [N, 2, E] indexed by example, [:, 0] of the image and [:, 1] of its mirror (a
+      teacher-embedding cache, facekd_jax.teachers.cache; a memory map is read row by row): each batch then also
+      has "teacher_embedding" float32 [B, E], the one matching the flip the image got. Indexed sources only.
     Returns (batches, info): batches an infinite iterator (`Batches`; `.dataset` is the tf.data.Dataset) of
     {"image": float32 [B, S, S, 3] in (x - 127.5) / 127.5, "label": int32 [B]} numpy dicts, deterministic in
     (spec, seed, batch_size, process index and count); info a JSON-friendly dict: num_classes, num_images,
@@ -253,8 +278,18 @@ def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, see
     kwargs = dict(batch_size=batch_size, image_size=image_size, seed=seed, start_step=start_step, augment=augment,
                   process_index=process_index, process_count=process_count)
     if isinstance(src, sources_lib.IndexedSource):
-        ds = _indexed_dataset(src, **kwargs)
+        teacher = None
+        if teacher_embeddings is not None:
+            if teacher_embeddings.ndim != 3 or teacher_embeddings.shape[:2] != (src.num_images, 2):
+                raise ValueError(f"make_train_dataset({spec!r}): teacher embeddings of shape "
+                                 f"{tuple(teacher_embeddings.shape)} for {src.num_images} examples; expected "
+                                 f"({src.num_images}, 2, E)")
+            teacher = _teacher_gather(teacher_embeddings, augment)
+        ds = _indexed_dataset(src, teacher=teacher, **kwargs)
     else:
+        if teacher_embeddings is not None:
+            raise ValueError(f"make_train_dataset({spec!r}): cached teacher embeddings need an indexed source "
+                             "(synthetic, folder, lfw, recordio); a streaming source has no stable example index")
         ds = _stream_dataset(src, shuffle_buffer=shuffle_buffer, **kwargs)
     ds = ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
     global_batch = batch_size * process_count

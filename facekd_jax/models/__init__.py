@@ -7,7 +7,9 @@
 
 images: float [B, S, S, 3], NHWC RGB, normalised as (pixel - 127.5) / 127.5 (arcface_torch).
 Models: resnet18 (thesis teacher, torchvision body), resnet56 (thesis student, CIFAR body), and insightface's
-iresnet18/34/50/100. Params are float32 always; ``dtype`` sets the compute dtype.
+iresnet18/34/50/100, mobilefacenet (Chen et al. 2018, the phone student; its own GDConv head), and dlib_resnet29 (dlib's face descriptor, imported weights, 150x150 -> 128; eval only).
+Params are float32 always; ``dtype`` sets the compute dtype. ``conv`` and ``norm`` keyword arguments replace
+flax's layer classes (facekd_jax.cpu hands in oneDNN ones); nothing here is platform-specific.
 """
 from __future__ import annotations
 
@@ -18,14 +20,22 @@ import jax.numpy as jnp
 
 from facekd_jax.models.heads import HEAD_KINDS, EmbeddingHead
 from facekd_jax.models.iresnet import IRESNET_STAGES, IResNet
+from facekd_jax.models.mobilefacenet import MobileFaceNet
 from facekd_jax.models.resnet import RESNET_CONFIGS, ResNet
 from facekd_jax.models.summary import count_params, model_summary
 
 MODEL_NAMES = ("resnet18", "resnet56", "iresnet18", "iresnet34", "iresnet50", "iresnet100",
-               "resnet10", "resnet34", "resnet8", "resnet20")
+               "resnet10", "resnet34", "resnet8", "resnet20", "mobilefacenet", "dlib_resnet29")
 
+# Imported networks whose input side and embedding width are fixed by their weights (name -> (S, E)).
+FIXED_SHAPES = {"dlib_resnet29": (150, 128)}
+FIXED_IMAGE_SIZES = {name: size for name, (size, _) in FIXED_SHAPES.items()}
+
+# Models whose embedding head is part of their design: MobileFaceNet's global depthwise convolution.
+OWN_HEADS = {"mobilefacenet": "gdc"}
 # The head each family is known with: insightface flattens its 7x7 map; the thesis's pair pools globally.
-DEFAULT_HEADS = {name: "flatten" if name.startswith("iresnet") else "gap" for name in MODEL_NAMES}
+DEFAULT_HEADS = {name: OWN_HEADS.get(name, "flatten" if name.startswith("iresnet") else "gap")
+                 for name in MODEL_NAMES if name not in FIXED_SHAPES}
 
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -71,8 +81,12 @@ def build_model(
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"build_model: unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    if name in FIXED_SHAPES:
+        return _build_fixed(name, embedding_size=embedding_size, image_size=image_size, dtype=dtype, **kwargs)
     head = DEFAULT_HEADS[name] if head is None else head
-    if head not in HEAD_KINDS:
+    if name in OWN_HEADS and head != OWN_HEADS[name]:
+        raise ValueError(f"build_model({name!r}): its head is its own ({OWN_HEADS[name]!r}), not {head!r}")
+    if head not in HEAD_KINDS and name not in OWN_HEADS:
         raise ValueError(f"build_model({name!r}): unknown head {head!r}; known heads: {', '.join(HEAD_KINDS)}")
     if int(image_size) < 1 or int(embedding_size) < 1:
         raise ValueError(f"build_model({name!r}): image_size and embedding_size must be positive")
@@ -85,11 +99,28 @@ def build_model(
     )
     if name in IRESNET_STAGES:
         return IResNet(**{"stage_sizes": IRESNET_STAGES[name], **common, **kwargs})
+    if name == "mobilefacenet":
+        common.pop("head")
+        return MobileFaceNet(**common, **kwargs)
     return ResNet(**{**RESNET_CONFIGS[name], **common, **kwargs})
+
+
+def _build_fixed(name: str, *, embedding_size: int, image_size: int, dtype: Any, **kwargs) -> nn.Module:
+    """An imported network (eval only, no head choice): its sizes must be the ones its weights fix."""
+    size, width = FIXED_SHAPES[name]
+    if int(image_size) != size or int(embedding_size) != width:
+        raise ValueError(f"build_model({name!r}): the imported weights fix image_size={size} and "
+                         f"embedding_size={width}; got image_size={image_size}, embedding_size={embedding_size}")
+    kwargs.pop("conv", None)  # its layers are its own (no batch norm: folded into affine layers)
+    kwargs.pop("norm", None)
+    from facekd_jax.models.dlib_resnet import DlibResNet29
+    return DlibResNet29(embedding_size=width, image_size=size, dtype=_compute_dtype(dtype), **kwargs)
 
 
 __all__ = [
     "MODEL_NAMES",
+    "FIXED_SHAPES",
+    "FIXED_IMAGE_SIZES",
     "DEFAULT_HEADS",
     "HEAD_KINDS",
     "build_model",
@@ -97,5 +128,7 @@ __all__ = [
     "model_summary",
     "EmbeddingHead",
     "IResNet",
+    "MobileFaceNet",
+    "OWN_HEADS",
     "ResNet",
 ]

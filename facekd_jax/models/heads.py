@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from facekd_jax.models.layers import batch_norm
+from facekd_jax.models.layers import ModuleDef, batch_norm
 
 HEAD_KINDS = ("gap", "flatten")
 
@@ -25,7 +25,8 @@ class EmbeddingHead(nn.Module):
     The FC and the final BN run in float32 whatever the body's compute dtype, as insightface runs its FC
     in float32 under fp16 autocast: a 25,088-long dot product is where low precision hurts most.
 
-    Fields: kind "gap" | "flatten"; embedding_size E; dropout rate; dtype (compute dtype of the BN2d).
+    Fields: kind "gap" | "flatten"; embedding_size E; dropout rate; dtype (compute dtype of the BN2d); norm
+    (the BatchNorm class, flax's by default).
     Input [B, h, w, C] (any dtype) -> output float32 [B, E], not normalised.
     With "flatten" the FC has h*w*C inputs, so it follows the image size (7*7*512 at 112 for iResNet).
     """
@@ -34,12 +35,13 @@ class EmbeddingHead(nn.Module):
     embedding_size: int = 512
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    norm: ModuleDef = nn.BatchNorm
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"EmbeddingHead: unknown head kind {self.kind!r}; known: {', '.join(HEAD_KINDS)}")
-        x = batch_norm(train, dtype=self.dtype, name="bn2")(x)
+        x = batch_norm(train, dtype=self.dtype, module=self.norm, name="bn2")(x)
         x = x.astype(jnp.float32)
         if self.kind == "flatten":
             x = x.reshape((x.shape[0], -1))
@@ -48,5 +50,5 @@ class EmbeddingHead(nn.Module):
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
         x = nn.Dense(self.embedding_size, dtype=jnp.float32, param_dtype=jnp.float32, name="fc")(x)
-        x = batch_norm(train, dtype=jnp.float32, use_scale=False, name="features")(x)
+        x = batch_norm(train, dtype=jnp.float32, use_scale=False, module=self.norm, name="features")(x)
         return x.astype(jnp.float32)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from facekd_jax.models.heads import EmbeddingHead
-from facekd_jax.models.layers import PReLU, batch_norm, check_images, conv
+from facekd_jax.models.layers import ModuleDef, PReLU, batch_norm, check_images, conv
 
 IRESNET_STAGES = {
     "iresnet18": (2, 2, 2, 2),
@@ -37,19 +37,23 @@ class IBasicBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        layer = dict(dtype=self.dtype, module=self.conv)
+        bn = dict(dtype=self.dtype, module=self.norm)
         shortcut = x
-        y = batch_norm(train, dtype=self.dtype, name="bn1")(x)
-        y = conv(self.features, 3, dtype=self.dtype, name="conv1")(y)
-        y = batch_norm(train, dtype=self.dtype, name="bn2")(y)
+        y = batch_norm(train, **bn, name="bn1")(x)
+        y = conv(self.features, 3, **layer, name="conv1")(y)
+        y = batch_norm(train, **bn, name="bn2")(y)
         y = PReLU(dtype=self.dtype, name="prelu")(y)
-        y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv2")(y)
-        y = batch_norm(train, dtype=self.dtype, name="bn3")(y)
+        y = conv(self.features, 3, self.stride, **layer, name="conv2")(y)
+        y = batch_norm(train, **bn, name="bn3")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = conv(self.features, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
-            shortcut = batch_norm(train, dtype=self.dtype, name="downsample_bn")(shortcut)
+            shortcut = conv(self.features, 1, self.stride, **layer, name="downsample_conv")(x)
+            shortcut = batch_norm(train, **bn, name="downsample_bn")(shortcut)
         return y + shortcut
 
 
@@ -58,7 +62,8 @@ class IResNet(nn.Module):
 
     Fields: stage_sizes (blocks per stage), widths (channels per stage), embedding_size E, dropout (head),
     dtype (compute; params stay float32), image_size S (input side; the flatten FC has
-    512 * ceil(S/16)^2 inputs), head "flatten" (insightface) | "gap".
+    512 * ceil(S/16)^2 inputs), head "flatten" (insightface) | "gap", conv and norm (layer classes, flax's by
+    default; see ResNet).
     __call__(images float [B, S, S, 3] NHWC RGB in [-1, 1], train) -> float32 [B, E], not normalised.
     """
 
@@ -69,19 +74,19 @@ class IResNet(nn.Module):
     dtype: Any = jnp.float32
     image_size: int = 112
     head: str = "flatten"
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         check_images(images, self.image_size, type(self).__name__)
         x = images.astype(self.dtype)
-        x = conv(self.widths[0], 3, dtype=self.dtype, name="conv1")(x)
-        x = batch_norm(train, dtype=self.dtype, name="bn1")(x)
+        x = conv(self.widths[0], 3, dtype=self.dtype, module=self.conv, name="conv1")(x)
+        x = batch_norm(train, dtype=self.dtype, module=self.norm, name="bn1")(x)
         x = PReLU(dtype=self.dtype, name="prelu")(x)
         for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(num_blocks):
-                x = IBasicBlock(
-                    width, stride=2 if j == 0 else 1, dtype=self.dtype, name=f"layer{i + 1}_{j}"
-                )(x, train)
-        return EmbeddingHead(
-            kind=self.head, embedding_size=self.embedding_size, dropout=self.dropout, dtype=self.dtype, name="head"
-        )(x, train)
+                x = IBasicBlock(width, stride=2 if j == 0 else 1, dtype=self.dtype, conv=self.conv,
+                                norm=self.norm, name=f"layer{i + 1}_{j}")(x, train)
+        return EmbeddingHead(kind=self.head, embedding_size=self.embedding_size, dropout=self.dropout,
+                             dtype=self.dtype, norm=self.norm, name="head")(x, train)

@@ -12,8 +12,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from facekd_jax.models import onednn_conv
-
 Dtype = Any
 
 # PyTorch BatchNorm defaults: eps 1e-5, momentum 0.1 (new = 0.9 * old + 0.1 * batch, i.e. flax momentum 0.9).
@@ -24,16 +22,20 @@ BN_MOMENTUM = 0.9
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str | None = None) -> nn.Conv:
+ModuleDef = Any  # a flax Module class, or a functools.partial of one
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, module: ModuleDef = nn.Conv,
+         name: str | None = None) -> nn.Module:
     """A bias-free square convolution padded like PyTorch's ``Conv2d(padding=kernel // 2)``.
 
     Explicit symmetric padding (not "SAME") keeps the sampling grid of torch on even inputs with stride 2,
-    so ported insightface/torchvision weights give the same outputs. On a single-device CPU the convolution runs
-    in oneDNN (models/onednn_conv.py; same parameters and results, 2-5x faster than XLA:CPU's).
+    so ported insightface/torchvision weights give the same outputs. ``module`` is the model's ``conv`` field:
+    flax's ``nn.Conv``, or a drop-in with the same variables (facekd_jax.cpu hands in a oneDNN one).
     Input [B, H, W, Cin] -> output [B, floor((H + 2p - k) / s) + 1, ..., features], p = kernel // 2.
     """
     pad = kernel // 2
-    return nn.Conv(
+    return module(
         features,
         (kernel, kernel),
         strides=(stride, stride),
@@ -42,63 +44,23 @@ def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=conv_init,
-        conv_general_dilated=onednn_conv.conv_general_dilated,
         name=name,
     )
 
 
-class BatchNorm(nn.BatchNorm):
-    """flax's ``nn.BatchNorm`` (same variables, same results) that can fuse the ReLU, or the residual add and ReLU,
-    that follow it: ``bn(x, residual=r, relu=True) == relu(bn(x) + r)``.
-
-    In train mode on a single-device CPU with float32 or bfloat16 NHWC input (of the module's dtype), the
-    normalisation with what it fuses, and its gradient, run as two-pass C++ kernels (models/onednn_conv.py's
-    `batch_norm_train`, under the rules and opt-outs of its oneDNN convolutions). A residual block's output then
-    comes out of a custom call, which stops XLA:CPU from recomputing the whole chain of earlier blocks'
-    BN-add-ReLU inside each later fusion (it did: up to 10 layers per fusion in resnet56). Elsewhere it is
-    ``nn.BatchNorm`` followed by the add and ReLU.
-    """
-
-    @nn.compact
-    def __call__(self, x, use_running_average: bool | None = None, *, mask=None, residual=None,
-                 relu: bool = False):
-        if residual is not None and not relu:
-            raise ValueError("BatchNorm: a residual is only fused together with relu=True")
-        eval_mode = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        if (eval_mode or mask is not None or x.ndim != 4 or self.axis not in (-1, 3)
-                or x.dtype not in (jnp.float32, jnp.bfloat16) or self.dtype not in (None, x.dtype)
-                or not self.use_bias or self.axis_name is not None
-                or (residual is not None and residual.dtype != x.dtype)
-                or not onednn_conv.enabled()):
-            y = super().__call__(x, use_running_average=use_running_average, mask=mask)
-            if residual is not None:
-                y = y + residual
-            return nn.relu(y) if relu else y
-        c = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
-        scale = (self.param("scale", self.scale_init, (c,), self.param_dtype) if self.use_scale
-                 else jnp.ones((c,), jnp.float32))
-        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
-        y, mean, var = onednn_conv.batch_norm_train(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
-                                                    residual, epsilon=self.epsilon, relu=relu)
-        if not self.is_initializing():
-            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return y
-
-
-def batch_norm(train: bool, *, dtype: Dtype, use_scale: bool = True, name: str | None = None) -> BatchNorm:
+def batch_norm(train: bool, *, dtype: Dtype, use_scale: bool = True, module: ModuleDef = nn.BatchNorm,
+               name: str | None = None) -> nn.Module:
     """BatchNorm over the last axis with torch's eps/momentum; batch statistics in train mode only.
 
+    ``module`` is the model's ``norm`` field: flax's ``nn.BatchNorm`` or a drop-in with the same variables.
     Statistics are reduced in float32 even for bfloat16 compute (flax's ``force_float32_reductions``).
     Under jit with a batch sharded over devices the mean is over the global batch (synchronised BN for free).
     One difference from torch: the running variance is updated with the biased batch variance (torch uses
     the unbiased one), negligible at face-training batch sizes.
     Shapes: [..., C] -> [..., C]; variables params/{scale, bias} [C], batch_stats/{mean, var} [C].
-    Call it as ``bn(x)``, or ``bn(x, relu=True)`` / ``bn(x, residual=r, relu=True)`` to fuse what follows.
+    Apply it with `norm_act` where a ReLU or a residual add follows, so a fusing norm can fuse them.
     """
-    return BatchNorm(
+    return module(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
@@ -107,6 +69,18 @@ def batch_norm(train: bool, *, dtype: Dtype, use_scale: bool = True, name: str |
         param_dtype=jnp.float32,
         name=name,
     )
+
+
+def norm_act(norm: nn.Module, x, *, residual=None, relu: bool = False):
+    """``relu(norm(x) + residual)`` (each part optional). A norm module whose class sets ``fuses_activation``
+    (facekd_jax.cpu's fused batch norm) is called as ``norm(x, residual=..., relu=...)`` and does it in one pass;
+    flax's own norm is applied, then the add and the ReLU."""
+    if getattr(norm, "fuses_activation", False):
+        return norm(x, residual=residual, relu=relu)
+    y = norm(x)
+    if residual is not None:
+        y = y + residual
+    return nn.relu(y) if relu else y
 
 
 class PReLU(nn.Module):

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from facekd_jax.models.heads import EmbeddingHead
-from facekd_jax.models.layers import batch_norm, check_images, conv
+from facekd_jax.models.layers import ModuleDef, batch_norm, check_images, conv, norm_act
 
 # torchvision-style (ImageNet stem) and CIFAR-style (6n+2 layers) families; resnet18/resnet56 are the thesis's
 # pair, the others are smaller or intermediate members for quick experiments and tests.
@@ -43,18 +43,22 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        layer = dict(dtype=self.dtype, module=self.conv)
+        bn = dict(dtype=self.dtype, module=self.norm)
         shortcut = x
-        y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
-        y = batch_norm(train, dtype=self.dtype, name="bn1")(y, relu=True)
-        y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
-        bn2 = batch_norm(train, dtype=self.dtype, name="bn2")
+        y = conv(self.features, 3, self.stride, **layer, name="conv1")(x)
+        y = norm_act(batch_norm(train, **bn, name="bn1"), y, relu=True)
+        y = conv(self.features, 3, **layer, name="conv2")(y)
+        bn2 = batch_norm(train, **bn, name="bn2")
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = conv(self.features, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
-            shortcut = batch_norm(train, dtype=self.dtype, name="downsample_bn")(shortcut)
-        return bn2(y, residual=shortcut, relu=True)
+            shortcut = conv(self.features, 1, self.stride, **layer, name="downsample_conv")(x)
+            shortcut = batch_norm(train, **bn, name="downsample_bn")(shortcut)
+        return norm_act(bn2, y, residual=shortcut, relu=True)
 
 
 class ResNet(nn.Module):
@@ -62,7 +66,8 @@ class ResNet(nn.Module):
 
     Fields: stage_sizes (blocks per stage), widths (channels per stage), stem "imagenet" (conv7x7 s2 + maxpool
     s2, torchvision) | "cifar" (conv3x3 s1), embedding_size E, dropout (head), dtype (compute; params stay
-    float32), image_size S, head "gap" | "flatten".
+    float32), image_size S, head "gap" | "flatten", conv and norm (the layer classes, flax's by default; any
+    drop-in with the same variables, as the Flax ImageNet example's ``conv: ModuleDef``).
     __call__(images float [B, S, S, 3] NHWC RGB in [-1, 1], train) -> float32 [B, E], not normalised.
     """
 
@@ -74,24 +79,26 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     image_size: int = 112
     head: str = "gap"
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         check_images(images, self.image_size, type(self).__name__)
+        layers = dict(dtype=self.dtype, conv=self.conv, norm=self.norm)
         x = images.astype(self.dtype)
         if self.stem == "imagenet":
-            x = conv(self.widths[0], 7, 2, dtype=self.dtype, name="conv1")(x)
-            x = batch_norm(train, dtype=self.dtype, name="bn1")(x, relu=True)
+            x = conv(self.widths[0], 7, 2, dtype=self.dtype, module=self.conv, name="conv1")(x)
+            x = norm_act(batch_norm(train, dtype=self.dtype, module=self.norm, name="bn1"), x, relu=True)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         elif self.stem == "cifar":
-            x = conv(self.widths[0], 3, dtype=self.dtype, name="conv1")(x)
-            x = batch_norm(train, dtype=self.dtype, name="bn1")(x, relu=True)
+            x = conv(self.widths[0], 3, dtype=self.dtype, module=self.conv, name="conv1")(x)
+            x = norm_act(batch_norm(train, dtype=self.dtype, module=self.norm, name="bn1"), x, relu=True)
         else:
             raise ValueError(f"ResNet: unknown stem {self.stem!r}; known: 'imagenet', 'cifar'")
         for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(num_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x = BasicBlock(width, stride=stride, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
-        return EmbeddingHead(
-            kind=self.head, embedding_size=self.embedding_size, dropout=self.dropout, dtype=self.dtype, name="head"
-        )(x, train)
+                x = BasicBlock(width, stride=stride, **layers, name=f"layer{i + 1}_{j}")(x, train)
+        return EmbeddingHead(kind=self.head, embedding_size=self.embedding_size, dropout=self.dropout,
+                             dtype=self.dtype, norm=self.norm, name="head")(x, train)

@@ -34,7 +34,7 @@ def model_summary(name: str, image_size: int = 112, **kwargs) -> dict:
     mb: float32 size of the params, params * 4 / 2**20.
     Returns dict(name, head, image_size, params, gflops, gmacs, mb).
     """
-    from facekd_jax.models import build_model, onednn_conv  # here: the registry imports this module
+    from facekd_jax.models import build_model  # here: the registry imports this module
 
     model = build_model(name, image_size=image_size, **kwargs)
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -47,17 +47,16 @@ def model_summary(name: str, image_size: int = 112, **kwargs) -> dict:
 
     # Variables are arguments, not constants, so XLA cannot fold any of the network away. The count is taken on
     # the lowered program, before the backend's optimisation: the compiled program's count moves with the fusions
-    # a backend picks (resnet56 at 112: 3.095 GFLOPs with XLA:CPU's own fusions, 3.028 with facekd_jax.xla_flags'
-    # YNNPACK ones), the model's does not. Traced with XLA's convolutions: a oneDNN custom call has no cost.
-    with onednn_conv.disabled():
-        lowered = jax.jit(forward).lower(variables, images)
+    # a backend picks (resnet56 at 112: 3.095 GFLOPs with XLA:CPU's own fusions, 3.028 with facekd_jax.cpu.xla_flags'
+    # YNNPACK ones), the model's does not. Built with flax's layers: a oneDNN custom call (facekd_jax.cpu) has no cost.
+    lowered = jax.jit(forward).lower(variables, images)
     try:
         gflops = _flops(lowered.cost_analysis()) / 1e9
     except Exception:  # a backend without pre-compilation cost analysis: count the compiled program instead
         gflops = _flops(lowered.compile().cost_analysis()) / 1e9
     return dict(
         name=name,
-        head=model.head,
+        head=getattr(model, "head", None),
         image_size=image_size,
         params=params,
         gflops=gflops,
