@@ -430,9 +430,13 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path
     fig = Figure(figsize=(6.4, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, (fmr, fnmr) in curves.items():
+    # Colour and line style both change from curve to curve (ten colours x four styles: 20 distinct pairs in a row),
+    # so neighbouring curves of a 10-model suite differ twice; the teacher is drawn thicker.
+    styles = ["-", "--", "-.", ":"]
+    for k, (name, (fmr, fnmr)) in enumerate(curves.items()):
         keep = fmr > 0
-        ax.plot(fmr[keep], np.maximum(fnmr[keep], floor), label=name, linewidth=1.5)
+        ax.plot(fmr[keep], np.maximum(fnmr[keep], floor), label=name, color=f"C{k % 10}",
+                linestyle=styles[k % len(styles)], linewidth=2.5 if name.startswith("teacher") else 1.5)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_ylim(floor, 1.05)

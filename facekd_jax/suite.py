@@ -1,11 +1,18 @@
-"""The thesis in miniature: train teacher, baseline and KD students on one budget, evaluate on the same pairs.
+"""The thesis in miniature: baseline and KD students on one budget, evaluated on the same pairs.
 
   python -m facekd_jax.suite --data=synthetic --workdir=runs/demo
   python -m facekd_jax.suite --data=lfw:../shared/data/lfw --workdir=runs/lfw
+  python -m facekd_jax.suite --data=lfw:../shared/data/lfw --teacher=dlib --workdir=runs/lfw_dlib --seeds=3
+
+Without --teacher=dlib the suite trains its own teacher first (ResNet-18, same budget). With it, the teacher is
+dlib's imported face descriptor (facekd_jax.teachers): the suite imports it into DIR/teacher_dlib, builds its
+embedding caches (DIR/cache_*; the teacher never runs during training), then for each student and seed trains the
+ArcFace-only baseline, every KD method, and a label-free feature-KD row (every training image, singletons too,
+teacher embeddings as the only target).
 
 Writes DIR/summary.json, DIR/summary.md (the table, McNemar p-values against the ArcFace-only baseline) and
-DIR/roc.png. Each model is an ordinary run in DIR/<name> (a config from configs/ with the suite's data and
-budget), so a rerun resumes unfinished runs and reuses finished ones.
+DIR/roc*.png. Each model is an ordinary run in DIR/... (a config from configs/ with the suite's data and
+budget), so a rerun resumes unfinished runs and reuses finished ones whose whole config is unchanged.
 """
 from __future__ import annotations
 
@@ -47,12 +54,32 @@ PRESETS = {
 }
 
 
-def suite_config(config_module: str, *, data: str, workdir: str, steps: Optional[int], overrides: Dict[str, Any]):
-    """The experiment's own config, with the suite's data, size and budget (same for every model)."""
-    from configs import default  # noqa: F401 (configs/ must be importable)
+# The suite with dlib's imported teacher (--teacher=dlib). The label-free row trains on every training image with
+# the teacher's embeddings as its only target (kd.ce_weight 0; its margin head is trained by nothing).
+DISTILL_RUNS = [
+    ("baseline", "baseline_resnet56", "ArcFace only, no teacher", {}),
+    ("conventional_kd", "conventional_kd", "Hinton KD on s*cos logits (teacher: its class centres)", {}),
+    ("feature_kd", "feature_kd", "feature KD (thesis): 100 x MSE of unit embeddings", {}),
+    ("arcface_kd", "arcface_kd", "Hinton KD on ArcFace margin logits", {}),
+    ("rkd", "rkd", "relational KD (distance 1, angle 2)", {}),
+    ("similarity_kd", "similarity_kd", "MSE of batch cosine matrices", {}),
+    ("proxyless_kd", "proxyless_kd", "ArcFace on the teacher's class centres", {}),
+    ("margin_distillation", "margin_distillation", "teacher's centres, per-sample margin", {}),
+    ("label_free_kd", "feature_kd", "feature KD alone, every image (singletons too), no labels",
+     {"kd.ce_weight": 0.0}),
+]
+LABEL_FREE = "label_free_kd"
+DLIB_BASELINE = "baseline"
+PRESETS["lfw_dlib"] = dict(
+    train="lfw:{dir}", val=["lfw:{dir}"], students=("mobilefacenet",), image_size=64, embedding_size=128,
+    batch_size=64, steps=600, lr=0.1, scale=32.0, eval_batch_size=250, seeds=3)
 
+
+def suite_config(config_module: str, *, data: str, workdir: str, steps: Optional[int], overrides: Dict[str, Any],
+                 preset_name: Optional[str] = None):
+    """The experiment's own config, with the suite's data, size and budget (same for every model)."""
     kind = data.split(":")[0]
-    preset = dict(PRESETS.get(kind, PRESETS["synthetic"]))
+    preset = dict(PRESETS.get(preset_name or kind, PRESETS["synthetic"]))
     preset.update({k: v for k, v in overrides.items() if v is not None})
     c = importlib.import_module(f"configs.{config_module}").get_config()
     path = data.split(":", 1)[1] if ":" in data else ""
@@ -84,7 +111,7 @@ def suite_config(config_module: str, *, data: str, workdir: str, steps: Optional
     c.optimizer.lr = preset["lr"]
     if preset.get("scale"):
         c.scale = preset["scale"]
-    c.optimizer.schedule = "step"
+    c.optimizer.schedule = preset.get("schedule", "step")
     c.optimizer.step_fractions = (0.6, 0.85)
     c.optimizer.warmup_steps = max(c.num_train_steps // 20, 0)
     c.log_every_steps = max(c.num_train_steps // 10, 1)
@@ -98,21 +125,49 @@ def suite_config(config_module: str, *, data: str, workdir: str, steps: Optional
     return c
 
 
-def _finished(run_dir: str, steps: int) -> Optional[Dict[str, Any]]:
+def _config_key(config) -> str:
+    """The whole resolved config as canonical JSON: what decides whether a finished run can be reused."""
+    return json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+
+
+def _finished(run_dir: str, config) -> Optional[Dict[str, Any]]:
+    """The run's record when it finished with exactly this config (any changed field: train it again)."""
     path = os.path.join(run_dir, "suite_run.json")
     if os.path.exists(path):
         with open(path) as f:
             record = json.load(f)
-        if record.get("step") == steps:
+        if record.get("step") == config.num_train_steps and record.get("config") == _config_key(config):
             return record
     return None
+
+
+def _train_record(name: str, description: str, config, run_dir: str, log) -> Dict[str, Any]:
+    """Trains (or reuses) one run and returns its suite record: eval results, size, time."""
+    from facekd_jax import models, train
+
+    record = _finished(run_dir, config)
+    if record is not None:
+        log(f"== {name}: finished earlier with the same config, reused ==")
+        return record
+    log(f"== {name}: {description} ({config.num_train_steps} steps of {config.batch_size}) ==")
+    t0 = time.time()
+    out = train.train_and_evaluate(config, run_dir)
+    if out.get("preempted"):
+        raise SystemExit(f"suite interrupted during {name}; run the same command again to continue")
+    summary = models.model_summary(config.model, image_size=config.data.image_size,
+                                   embedding_size=config.embedding_size)
+    record = {"step": out["step"], "description": description, "model": config.model,
+              "train_seconds": time.time() - t0, "eval": out["eval"], "params": summary["params"],
+              "gflops": summary["gflops"], "mb": summary["mb"], "image_size": config.data.image_size,
+              "seed": config.seed, "config": _config_key(config)}
+    with open(os.path.join(run_dir, "suite_run.json"), "w") as f:
+        json.dump(record, f)
+    return record
 
 
 def run_suite(data: str, workdir: str, *, steps: Optional[int] = None, only: Optional[List[str]] = None,
               overrides: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
     """Trains and evaluates every run of RUNS (or `only`), then writes the summary files; returns the summary."""
-    from facekd_jax import evaluate, models, train
-
     overrides = overrides or {}
     os.makedirs(workdir, exist_ok=True)
     names = [r[0] for r in RUNS]
@@ -127,26 +182,172 @@ def run_suite(data: str, workdir: str, *, steps: Optional[int] = None, only: Opt
         if name not in wanted:
             continue
         config = suite_config(module, data=data, workdir=workdir, steps=steps, overrides=overrides)
-        run_dir = os.path.join(workdir, name)
-        record = _finished(run_dir, config.num_train_steps)
-        if record is None:
-            log(f"== {name}: {description} ({config.num_train_steps} steps of {config.batch_size}) ==")
-            t0 = time.time()
-            out = train.train_and_evaluate(config, run_dir)
-            if out.get("preempted"):
-                raise SystemExit(f"suite interrupted during {name}; run the same command again to continue")
-            summary = models.model_summary(config.model, image_size=config.data.image_size,
-                                           embedding_size=config.embedding_size)
-            record = {"step": out["step"], "description": description, "model": config.model,
-                      "train_seconds": time.time() - t0, "eval": out["eval"],
-                      "params": summary["params"], "gflops": summary["gflops"], "mb": summary["mb"],
-                      "image_size": config.data.image_size}
-            with open(os.path.join(run_dir, "suite_run.json"), "w") as f:
-                json.dump(record, f)
-        else:
-            log(f"== {name}: finished earlier, reused ==")
-        records[name] = record
+        records[name] = _train_record(name, description, config, os.path.join(workdir, name), log)
     return write_summary(records, workdir, log=log)
+
+
+def _teacher_spec(spec: str, crop) -> str:
+    """The student's verification spec with the teacher's own crop instead (same pairs, same images)."""
+    from facekd_jax.data import images as images_lib
+    from facekd_jax.data import verification
+
+    kind, _, rest = spec.partition(":")
+    box = ",".join(str(v) for v in crop)
+    if kind in ("lfw", "lfw-view2"):
+        root = images_lib.split_crop(rest)[0]
+        pairs = "pairsDevTest.txt" if kind == "lfw" else "pairs.txt"
+        return f"pairs:{os.path.join(root, pairs)}:{os.path.join(root, verification.LFW_IMAGES)}@{box}"
+    if kind in ("pairs", "bin"):
+        return f"{kind}:{images_lib.split_crop(rest)[0]}@{box}"
+    raise ValueError(f"--val={spec}: no way to give the teacher its crop on this kind of set")
+
+
+def _teacher_record(teacher_dir: str, spec: str, eval_batch_size: int, log) -> Dict[str, Any]:
+    """The imported teacher evaluated on `spec` (its own crop and input size), cached beside it per spec."""
+    from facekd_jax import config_lib, models, train
+    from facekd_jax.teachers.imported import read_teacher_run
+
+    run = read_teacher_run(teacher_dir)
+    path = os.path.join(teacher_dir, "suite_eval.json")
+    cached = json.load(open(path)) if os.path.exists(path) else {}
+    if spec not in cached:
+        log(f"== teacher: {run.model} on {spec} ==")
+        config = config_lib.default_config()
+        config.model, config.embedding_size, config.data.image_size = run.model, run.embedding_size, run.image_size
+        config.data.val_targets = (spec,)
+        config.eval_batch_size = eval_batch_size
+        t0 = time.time()
+        results = train.evaluate_workdir(config, teacher_dir)["results"]
+        summary = models.model_summary(run.model, image_size=run.image_size, embedding_size=run.embedding_size)
+        cached[spec] = {"description": f"dlib ResNet-29 teacher (imported, {run.image_size}x{run.image_size}, "
+                                       "its own crop)", "model": run.model, "eval": results,
+                        "params": summary["params"], "gflops": summary["gflops"], "mb": summary["mb"],
+                        "image_size": run.image_size, "train_seconds": 0.0, "eval_seconds": time.time() - t0}
+        with open(path, "w") as f:
+            json.dump(cached, f)
+    return cached[spec]
+
+
+def run_dlib_suite(lfw_dir: str, workdir: str, *, seeds: int, students: Optional[List[str]] = None,
+                   steps: Optional[int] = None, only: Optional[List[str]] = None,
+                   overrides: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
+    """The thesis's question with a strong teacher: dlib's descriptor (imported, cached) distilled into each
+    student, every method of DISTILL_RUNS, `seeds` seeds; writes the per-student summaries."""
+    from facekd_jax.teachers import cache as cache_lib
+    from facekd_jax.teachers.imported import import_dlib
+
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset = PRESETS["lfw_dlib"]
+    students = list(students or preset["students"])
+    names = [r[0] for r in DISTILL_RUNS]
+    wanted = only or names
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise ValueError(f"unknown suite runs {unknown}; known: {names}")
+    os.makedirs(workdir, exist_ok=True)
+    teacher_dir = os.path.join(workdir, "teacher_dlib")
+    teacher = import_dlib(teacher_dir, log=log)
+    caches = {"lfw": os.path.join(workdir, "cache_lfw")}
+    if LABEL_FREE in wanted:
+        caches["lfw-all"] = os.path.join(workdir, "cache_lfw_all")
+    for kind, cache_dir in caches.items():
+        t0 = time.time()
+        built = cache_lib.build_cache(teacher_dir, f"{kind}:{lfw_dir}", cache_dir)
+        log(f"teacher cache {cache_dir}: {built.header['data']['num_images']} images ({time.time() - t0:.0f} s)")
+
+    summaries = {}
+    for student in students:
+        seed_records: Dict[str, List[Dict[str, Any]]] = {}
+        for seed in range(seeds):
+            for name, module, description, extra in DISTILL_RUNS:
+                if name not in wanted:
+                    continue
+                config = suite_config(module, data=f"lfw:{lfw_dir}", workdir=workdir, steps=steps,
+                                      overrides=dict(overrides, student=student), preset_name="lfw_dlib")
+                config.seed = seed
+                if config.teacher.model:
+                    kind = "lfw-all" if name == LABEL_FREE else "lfw"
+                    config.teacher.model, config.teacher.workdir = teacher.model, teacher_dir
+                    config.teacher.embedding_size = teacher.embedding_size
+                    config.teacher.cache = caches[kind]
+                    config.data.train = f"{kind}:{lfw_dir}"
+                    config.kd.projection = config.embedding_size != teacher.embedding_size
+                for key, value in extra.items():
+                    from facekd_jax import config_lib
+                    config_lib.set_field(config, key, value)
+                run_dir = os.path.join(workdir, student, f"seed{seed}", name)
+                record = _train_record(f"{student} seed {seed} {name}", description, config, run_dir, log)
+                seed_records.setdefault(name, []).append(record)
+        val = next(iter(next(iter(seed_records.values()))[0]["eval"]))
+        spec = config.data.val_targets[0]
+        teacher_rec = _teacher_record(teacher_dir, _teacher_spec(spec, teacher.crops["lfw"]),
+                                      config.eval_batch_size, log)
+        summaries[student] = write_seed_summary(student, seed_records, teacher_rec, workdir, val, log=log)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump({"students": summaries, "seeds": seeds}, f, indent=2)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+        for student, summary in summaries.items():
+            f.write(summary["markdown"] + "\n")
+    log(f"wrote {workdir}/summary.json, summary.md, roc_<student>.png")
+    return summaries
+
+
+def write_seed_summary(student: str, seed_records: Dict[str, List[Dict[str, Any]]], teacher: Dict[str, Any],
+                       workdir: str, val: str, *, log=print) -> Dict[str, Any]:
+    """One student's table over seeds: accuracy mean +- std over seeds, per-seed accuracy and McNemar p against
+    that seed's baseline, EER and FNMR@FMR=1e-3 (means), size, train time; the teacher's row on the same pairs;
+    roc_<student>.png with every model's seed-0 curve and the teacher's."""
+    import numpy as np
+
+    from facekd_jax import evaluate
+
+    def result(rec):
+        return next(iter(rec["eval"].values()))
+
+    baseline = seed_records.get(DLIB_BASELINE)
+    rows, curves = {}, {}
+    t = result(teacher)
+    rows["teacher_dlib"] = {"description": teacher["description"], "accuracy_mean": t["accuracy"],
+                            "accuracy_std_over_seeds": 0.0, "accuracy_per_seed": [t["accuracy"]],
+                            "p_vs_baseline_per_seed": [evaluate.mcnemar(t["correct"], result(b)["correct"])["p_value"]
+                                                       for b in baseline] if baseline else [],
+                            "eer_mean": t["eer"], "fnmr_at_fmr_1e-3_mean": t["fnmr_at_fmr"]["1e-3"],
+                            "params": teacher["params"], "gflops": teacher["gflops"], "train_seconds_mean": 0.0,
+                            "image_size": teacher["image_size"]}
+    curves["teacher_dlib"] = (t["roc"]["fmr"], t["roc"]["fnmr"])
+    for name, recs in seed_records.items():
+        res = [result(r) for r in recs]
+        acc = [r["accuracy"] for r in res]
+        p_values = []
+        if baseline and name != DLIB_BASELINE:
+            p_values = [evaluate.mcnemar(r["correct"], result(b)["correct"])["p_value"] for r, b in zip(res, baseline)]
+        rows[name] = {"description": recs[0]["description"], "accuracy_mean": float(np.mean(acc)),
+                      "accuracy_std_over_seeds": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+                      "accuracy_per_seed": acc, "p_vs_baseline_per_seed": p_values,
+                      "eer_mean": float(np.mean([r["eer"] for r in res])),
+                      "fnmr_at_fmr_1e-3_mean": float(np.mean([r["fnmr_at_fmr"]["1e-3"] for r in res])),
+                      "params": recs[0]["params"], "gflops": recs[0]["gflops"],
+                      "train_seconds_mean": float(np.mean([r["train_seconds"] for r in recs])),
+                      "image_size": recs[0]["image_size"]}
+        curves[name] = (res[0]["roc"]["fmr"], res[0]["roc"]["fnmr"])
+    pairs = len(t["correct"])
+    lines = [f"### {student}: {val} ({pairs} pairs), {len(baseline or [])} seeds\n",
+             "| model | accuracy % (mean ± std over seeds) | per seed | McNemar p vs that seed's baseline | "
+             "EER % | FNMR@FMR=1e-3 % | params (M) | GFLOPs | input | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        per_seed = ", ".join(f"{100 * a:.1f}" for a in r["accuracy_per_seed"])
+        p = ", ".join(f"{v:.2g}" for v in r["p_vs_baseline_per_seed"]) or ("baseline" if name == DLIB_BASELINE
+                                                                            else "n/a")
+        lines.append(f"| {name} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std_over_seeds']:.2f} | "
+                     f"{per_seed} | {p} | {100 * r['eer_mean']:.2f} | {100 * r['fnmr_at_fmr_1e-3_mean']:.1f} | "
+                     f"{r['params'] / 1e6:.2f} | {r['gflops']:.3f} | {r['image_size']} | "
+                     f"{r['train_seconds_mean']:.0f} |")
+    markdown = "\n".join(lines) + "\n"
+    evaluate.plot_roc(curves, os.path.join(workdir, f"roc_{student}.png"),
+                      title=f"{student} students and the dlib teacher, {val} (seed 0)")
+    log(markdown)
+    return {"verification_set": val, "pairs": pairs, "rows": rows, "markdown": markdown}
 
 
 def write_summary(records: Dict[str, Dict[str, Any]], workdir: str, *, log=print) -> Dict[str, Any]:
@@ -195,7 +396,12 @@ def main(argv=None):
     parser.add_argument("--runs", default="", help="comma-separated subset of: " + ",".join(r[0] for r in RUNS))
     parser.add_argument("--val", default="", help="verification specs, comma-separated (bin:FILE, pairs:...)")
     parser.add_argument("--student", default=None, help="student architecture (default resnet56)")
-    parser.add_argument("--teacher", default=None, help="teacher architecture (default resnet18)")
+    parser.add_argument("--teacher", default=None,
+                        help="'dlib': dlib's imported descriptor as the teacher (LFW data; see the module doc); "
+                             "else the architecture of the teacher the suite trains (default resnet18)")
+    parser.add_argument("--seeds", type=int, default=None, help="with --teacher=dlib: seeds per model (default 3)")
+    parser.add_argument("--students", default="", help="with --teacher=dlib: comma-separated students "
+                        "(default mobilefacenet)")
     parser.add_argument("--image_size", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--embedding_size", type=int, default=None)
@@ -207,11 +413,22 @@ def main(argv=None):
     # The KD students share their init and eval programs: compile them once for the whole suite.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.workdir), ".jax_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-    from facekd_jax import xla_flags
-    xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once
+    from facekd_jax.cpu import xla_flags
+    xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once (the configs keep cpu_kernels=auto)
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-    run_suite(args.data, args.workdir, steps=args.steps, only=[r for r in args.runs.split(",") if r] or None,
+    only = [r for r in args.runs.split(",") if r] or None
+    if args.teacher == "dlib":
+        kind, _, lfw_dir = args.data.partition(":")
+        if kind != "lfw" or not lfw_dir:
+            parser.error("--teacher=dlib runs on LFW: --data=lfw:DIR")
+        run_dlib_suite(lfw_dir, args.workdir, seeds=args.seeds or PRESETS["lfw_dlib"]["seeds"],
+                       students=[s for s in args.students.split(",") if s] or None, steps=args.steps, only=only,
+                       overrides={"image_size": args.image_size, "batch_size": args.batch_size,
+                                  "embedding_size": args.embedding_size, "lr": args.lr, "scale": args.scale,
+                                  "val_targets": [v for v in args.val.split(",") if v] or None})
+        return
+    run_suite(args.data, args.workdir, steps=args.steps, only=only,
               overrides={"student": args.student, "teacher": args.teacher, "image_size": args.image_size,
                          "batch_size": args.batch_size,
                          "embedding_size": args.embedding_size, "lr": args.lr, "scale": args.scale,
@@ -219,6 +436,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from facekd_jax import xla_flags
-    xla_flags.restart_with_cpu_memory_settings()  # first: glibc and ld.so read GLIBC_TUNABLES/LD_PRELOAD only at start
     main()

@@ -4,6 +4,8 @@
   folder:DIR[@l,t,r,b]                 one sub-folder per person (JPEG, PNG, BMP, PGM, ...)
   lfw:DIR[@l,t,r,b]                    LFW people of DIR/peopleDevTrain.txt with >= 2 images, from
                                        DIR/lfw-deepfunneled, crop 62,55,188,181 unless given
+  lfw-all:DIR[@l,t,r,b]                every image of the peopleDevTrain people, singletons too (for
+                                       label-free KD from a teacher's embeddings)
   recordio:DIR[@l,t,r,b]               insightface train.rec / train.idx / property
   tfrecord:GLOB[@l,t,r,b]              tf.train.Example files: "image" | "image/encoded" (encoded bytes),
                                        "label" | "image/class/label" (int64)
@@ -36,6 +38,7 @@ LFW_IMAGES = "lfw-deepfunneled"
 IMAGE_KEYS = ("image", "image/encoded")
 LABEL_KEYS = ("label", "image/class/label")
 SPEC_HELP = ("synthetic | synthetic:NUM_CLASSES:IMAGES_PER_CLASS[:SEED] | folder:DIR[@l,t,r,b] | lfw:DIR[@l,t,r,b] | "
+             "lfw-all:DIR[@l,t,r,b] | "
              "recordio:DIR[@l,t,r,b] | tfrecord:GLOB[@l,t,r,b] | tfds:NAME[:SPLIT] (or tfds:DIR[:SPLIT])")
 
 
@@ -87,7 +90,7 @@ class StreamSource:
 def split_spec(spec: str) -> Tuple[str, str]:
     """'kind:rest' -> (kind, rest); a bare 'synthetic' -> ('synthetic', ''). Raises ValueError naming the spec."""
     kind, sep, rest = spec.partition(":")
-    kinds = ("synthetic", "folder", "lfw", "recordio", "tfrecord", "tfds")
+    kinds = ("synthetic", "folder", "lfw", "lfw-all", "recordio", "tfrecord", "tfds")
     if kind not in kinds or (not sep and kind != "synthetic") or (sep and not rest):
         raise ValueError(f"unknown training data spec {spec!r}; expected one of: {SPEC_HELP}")
     return kind, rest
@@ -106,9 +109,9 @@ def open_source(spec: str, *, image_size: int) -> IndexedSource | StreamSource:
     if kind == "folder":
         root, crop = images_lib.split_crop(rest)
         return folder_source(root, crop=crop)
-    if kind == "lfw":
+    if kind in ("lfw", "lfw-all"):
         root, crop = images_lib.split_crop(rest)
-        return lfw_source(root, crop=crop or LFW_CROP)
+        return lfw_source(root, crop=crop or LFW_CROP, min_images=2 if kind == "lfw" else 1)
     if kind == "recordio":
         root, crop = images_lib.split_crop(rest)
         return recordio_source(root, crop=crop)
@@ -168,14 +171,14 @@ def read_people(path: str) -> List[Tuple[str, int]]:
     return people
 
 
-def lfw_source(root: str, *, crop=LFW_CROP) -> IndexedSource:
-    """LFW's View 1 training people (peopleDevTrain.txt) with >= 2 images; never in pairsDevTest.txt."""
+def lfw_source(root: str, *, crop=LFW_CROP, min_images: int = 2) -> IndexedSource:
+    """LFW's View 1 training people (peopleDevTrain.txt) with >= min_images images; never in pairsDevTest.txt."""
     people_txt = os.path.join(root, "peopleDevTrain.txt")
     images_dir = os.path.join(root, LFW_IMAGES)
     for p in (people_txt, images_dir):
         if not os.path.exists(p):
             raise FileNotFoundError(f"LFW training data needs {p} (spec 'lfw:{root}')")
-    wanted = sorted(name for name, n in read_people(people_txt) if n >= 2)
+    wanted = sorted(name for name, n in read_people(people_txt) if n >= min_images)
     paths, labels = [], []
     for label, name in enumerate(wanted):
         pdir = os.path.join(images_dir, name)
@@ -187,7 +190,7 @@ def lfw_source(root: str, *, crop=LFW_CROP) -> IndexedSource:
         labels.extend([label] * len(files))
     return _file_source(paths, np.asarray(labels, np.int32), wanted, crop,
                         f"LFW {images_dir}: {len(paths)} images of the {len(wanted)} peopleDevTrain people with "
-                        f">= 2 images, crop {crop}")
+                        f">= {min_images} images, crop {crop}")
 
 
 def recordio_source(root: str, *, crop=None) -> IndexedSource:

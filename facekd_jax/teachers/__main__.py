@@ -1,0 +1,74 @@
+"""Command line for pretrained teachers.
+
+  python -m facekd_jax.teachers import dlib --out=runs/teacher_dlib [--weights=PATH]
+      dlib's face descriptor (face_recognition_models' .dat, read without dlib) -> a teacher run for
+      --config.teacher.workdir (and for --mode=eval like any run)
+  python -m facekd_jax.teachers cache --teacher=runs/teacher_dlib --data=lfw:../shared/data/lfw \\
+      --out=runs/cache_dlib_lfw [--crop=l,t,r,b] [--batch_size=64]
+      every training image and its mirror embedded once, with the teacher's own crop and input size
+      -> --config.teacher.cache (resumes where a stopped build left off)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _parse_crop(text: str):
+    if not text:
+        return None
+    try:
+        box = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"--crop={text}: expected left,top,right,bottom (four integers)")
+    return box
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m facekd_jax.teachers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="import a pretrained teacher into a teacher run")
+    imp.add_argument("name", choices=["dlib"], help="which teacher")
+    imp.add_argument("--out", required=True, help="the teacher run's directory (new or empty)")
+    imp.add_argument("--weights", default="", help="the weight file (default: the installed package's)")
+    cache = sub.add_parser("cache", help="build (or finish) a teacher-embedding cache for a training source")
+    cache.add_argument("--teacher", required=True, help="a teacher run (trained or imported)")
+    cache.add_argument("--data", required=True, help="the training data spec the student will use")
+    cache.add_argument("--out", required=True, help="the cache directory")
+    cache.add_argument("--crop", type=_parse_crop, default=None,
+                       help="l,t,r,b box before resizing (default: the teacher's own crop for this data)")
+    cache.add_argument("--batch_size", type=int, default=64)
+    cache.add_argument("--checkpoint", default="latest", choices=["latest", "best"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from facekd_jax.cpu import xla_flags
+    xla_flags.apply_cpu_defaults(onednn=False)  # before JAX starts: faster XLA:CPU fusions for the teacher
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    try:
+        if args.command == "import":
+            from facekd_jax.teachers.imported import import_dlib
+            import_dlib(args.out, weights=args.weights or None, log=print)
+        else:
+            from facekd_jax.teachers.cache import build_cache
+            built = build_cache(args.teacher, args.data, args.out, crop=args.crop, batch_size=args.batch_size,
+                                checkpoint=args.checkpoint)
+            print(f"{args.out}: {built.header['data']['num_images']} images x 2 flips, "
+                  f"{built.embedding_size}-d, {built.header['data']['num_classes']} identities "
+                  f"({built.header.get('embed_seconds', 0)} s)")
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

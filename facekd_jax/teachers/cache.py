@@ -1,0 +1,283 @@
+"""The teacher-embedding cache: every training image embedded once by the teacher, image and mirror, on disk.
+
+    cache = build_cache("runs/teacher_dlib", "lfw:../shared/data/lfw", "runs/cache_dlib_lfw")
+    cache.embeddings        # float32 memory map [N, 2, E]: [i, 0] image i of the source, [i, 1] its mirror
+    cache.centres()         # float32 [E, C]: per identity, the L2-normalised mean of its unit embeddings
+
+Training with `config.teacher.cache=DIR` feeds [i, flipped_i] with each batch through the input pipeline
+(data.pipeline, `teacher_embeddings`), so the teacher never runs and KD costs what the baseline costs. Each
+image is embedded with the TEACHER's input size and crop (teacher.json's crop for the data kind, e.g. dlib's
+(68, 77, 184, 193) on LFW), not the student's. Keys are the source's example indices (the order of
+data.sources), so the cache belongs to one source and one teacher.
+
+Layout of DIR (NumPy .npy files, memory-mapped, no pickle):
+  header.json      format, version, teacher (workdir, model, sha256 fingerprint of its weights, input size,
+                   crop), data (spec, num_images, num_classes, sha256 of the labels), embedding_size,
+                   corrupt (indices that could not be decoded: zero rows), complete
+  embeddings.npy   float32 [N, 2, E]
+  labels.npy       int32 [N]
+  done.npy         bool [N]: rows written so far (a stopped build resumes from them)
+  centres.npy      float32 [E, C], written once when the cache is complete
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "facekd_jax.teacher_cache", 1
+HEADER, EMBEDDINGS, LABELS, DONE, CENTRES = "header.json", "embeddings.npy", "labels.npy", "done.npy", "centres.npy"
+
+
+class CacheMismatchError(ValueError):
+    """A cache made for another teacher or another dataset (the message says which field differs)."""
+
+
+def _labels_digest(labels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(labels, np.int32).tobytes()).hexdigest()
+
+
+def weights_fingerprint(params: Any) -> str:
+    """sha256 over a parameter tree's paths, shapes and float32 bytes: the same weights give the same string."""
+    import jax
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        a = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def data_identity(spec: str, source) -> Dict[str, Any]:
+    """What makes a training source the same one: its spec without a crop (the cache has its own), the image
+    count, the identity count and a digest of the labels in source order."""
+    from facekd_jax.data import images as images_lib
+
+    kind, _, rest = spec.partition(":")
+    base = kind if not rest else f"{kind}:{images_lib.split_crop(rest)[0]}"
+    if kind in ("folder", "lfw", "lfw-all", "recordio"):
+        base = f"{kind}:{os.path.abspath(images_lib.split_crop(rest)[0])}"
+    return {"spec": base, "num_images": int(source.num_images), "num_classes": int(source.num_classes),
+            "labels_sha256": _labels_digest(source.labels)}
+
+
+def _write_json(path: str, payload: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+class TeacherCache:
+    """An opened cache directory (see the module docstring). `embeddings` is a read-only memory map."""
+
+    def __init__(self, directory: str, header: Dict[str, Any]):
+        self.directory = directory
+        self.header = header
+        self.embeddings = np.load(os.path.join(directory, EMBEDDINGS), mmap_mode="r")
+        n, e = header["data"]["num_images"], header["embedding_size"]
+        if self.embeddings.shape != (n, 2, e) or self.embeddings.dtype != np.float32:
+            raise ValueError(f"{directory}/{EMBEDDINGS}: shape {self.embeddings.shape} {self.embeddings.dtype}, "
+                             f"header says float32 ({n}, 2, {e}); the cache is damaged: rebuild it")
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.header["embedding_size"])
+
+    def labels(self) -> np.ndarray:
+        return np.load(os.path.join(self.directory, LABELS))
+
+    def centres(self) -> np.ndarray:
+        """float32 [E, C]: class centres of the teacher, read from centres.npy (written when the cache completed)."""
+        path = os.path.join(self.directory, CENTRES)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} missing: the cache is incomplete; run the cache command again to finish")
+        return np.load(path)
+
+    def check_matches(self, spec: str, source, *, teacher_workdir: str = "", teacher_model: str = "",
+                      embedding_size: Optional[int] = None) -> None:
+        """CacheMismatchError unless this cache was built, completely, for `source` (and the given teacher)."""
+        where = f"config.teacher.cache={self.directory}"
+        if not self.header.get("complete"):
+            raise CacheMismatchError(f"{where} is incomplete; run `python -m facekd_jax.teachers cache` again to "
+                                     "finish it")
+        have, want = self.header["data"], data_identity(spec, source)
+        for key in ("spec", "num_images", "num_classes", "labels_sha256"):
+            if have[key] != want[key]:
+                raise CacheMismatchError(f"{where} was built for another dataset: data.{key} is {have[key]!r} in "
+                                         f"the cache, {want[key]!r} for --config.data.train={spec}; build a cache "
+                                         "for this data")
+        teacher = self.header["teacher"]
+        if teacher_workdir and os.path.abspath(teacher_workdir) != teacher["workdir"]:
+            raise CacheMismatchError(f"{where} was built from teacher {teacher['workdir']}, the config's "
+                                     f"teacher.workdir is {os.path.abspath(teacher_workdir)}")
+        if teacher_model and teacher_model != teacher["model"]:
+            raise CacheMismatchError(f"{where} was built with teacher model {teacher['model']!r}, the config says "
+                                     f"teacher.model={teacher_model!r}")
+        if embedding_size is not None and int(embedding_size) != self.embedding_size:
+            raise CacheMismatchError(f"{where} holds {self.embedding_size}-d teacher embeddings, the config says "
+                                     f"teacher.embedding_size={embedding_size}: set it to {self.embedding_size}")
+
+
+def open_cache(directory: str) -> TeacherCache:
+    """Opens a cache; FileNotFoundError / ValueError name the file and what is wrong."""
+    path = os.path.join(directory, HEADER)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {directory} is not a teacher-embedding cache (build one with "
+                                "python -m facekd_jax.teachers cache --teacher=WORKDIR --data=SPEC --out=DIR)")
+    try:
+        with open(path) as f:
+            header = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable cache header ({e})") from e
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ValueError(f"{path}: not a {FORMAT} version {VERSION} header (format {header.get('format')!r}, "
+                         f"version {header.get('version')!r})")
+    return TeacherCache(directory, header)
+
+
+def class_centres(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
+                  valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """float32 [E, C]: per identity, the L2-normalised mean of the L2-normalised embeddings of its images and
+    their mirrors. embeddings [N, 2, E], labels int [N], valid bool [N] (rows to use; default all)."""
+    e = np.asarray(embeddings, np.float64)
+    unit = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+    per_image = unit.sum(axis=1)
+    keep = np.ones(len(labels), bool) if valid is None else np.asarray(valid, bool)
+    sums = np.zeros((num_classes, e.shape[-1]))
+    np.add.at(sums, np.asarray(labels)[keep], per_image[keep])
+    centres = sums / np.maximum(np.linalg.norm(sums, axis=-1, keepdims=True), 1e-12)
+    return centres.T.astype(np.float32)
+
+
+def _crop_arg(crop: Optional[Sequence[int]]) -> Optional[Tuple[int, int, int, int]]:
+    return None if crop is None else tuple(int(v) for v in crop)
+
+
+def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Sequence[int]] = None,
+                batch_size: int = 64, checkpoint: str = "latest", progress: bool = True) -> TeacherCache:
+    """Embeds every image of the training source `spec` (and its mirror) with the teacher run in
+    `teacher_workdir`, into the cache directory `out`; resumes an unfinished cache for the same teacher and data.
+
+    crop: the box cut before resizing to the teacher's input; default the teacher's own crop for this data kind
+    (teacher.json), else the spec's. Raises CacheMismatchError where `out` holds a cache for another teacher or data.
+    """
+    import jax
+    import jax.numpy as jnp
+    import tensorflow as tf
+
+    from facekd_jax import checkpoint as ckpt_lib
+    from facekd_jax import models
+    from facekd_jax.data import images as images_lib
+    from facekd_jax.data import sources as sources_lib
+    from facekd_jax.teachers.imported import read_teacher_run
+
+    run = read_teacher_run(teacher_workdir)
+    size = run.image_size
+    source = sources_lib.open_source(spec, image_size=size)
+    if not isinstance(source, sources_lib.IndexedSource):
+        raise ValueError(f"--data={spec}: a teacher cache needs an indexed source (synthetic, folder, lfw, "
+                         "recordio); a streaming source has no stable example index")
+    crop = _crop_arg(crop) or run.crop_for(spec) or source.crop
+    model = models.build_model(run.model, embedding_size=run.embedding_size, image_size=size)
+    abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                                                 jnp.zeros((1, size, size, 3)), train=False))
+    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": {"backbone": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                                  abstract["params"])},
+              "batch_stats": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                          abstract.get("batch_stats", {}))}
+    variables, _ = ckpt_lib.restore_variables(teacher_workdir, target, which=checkpoint)
+    variables = {"params": variables["params"]["backbone"], "batch_stats": variables.get("batch_stats", {})}
+
+    n, e = source.num_images, run.embedding_size
+    header = {"format": FORMAT, "version": VERSION,
+              "teacher": {"workdir": run.workdir, "model": run.model, "image_size": size,
+                          "fingerprint": weights_fingerprint(variables["params"]), "checkpoint": checkpoint},
+              "data": data_identity(spec, source), "source": source.description,
+              "crop": list(crop) if crop else None, "embedding_size": e, "flips": ["image", "mirror"],
+              "corrupt": [], "complete": False, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.makedirs(out, exist_ok=True)
+    head_path = os.path.join(out, HEADER)
+    if os.path.isfile(head_path):
+        existing = open_cache(out).header
+        for key in ("teacher", "data", "crop", "embedding_size"):
+            if existing[key] != header[key]:
+                raise CacheMismatchError(f"{out} holds a cache for another {key} ({existing[key]!r}, now "
+                                         f"{header[key]!r}); choose another --out (nothing was changed)")
+        header = existing
+        emb = np.load(os.path.join(out, EMBEDDINGS), mmap_mode="r+")
+        done = np.load(os.path.join(out, DONE), mmap_mode="r+")
+        if header["complete"] and done.all():
+            log.info("%s: complete already (%d images)", out, n)
+            return open_cache(out)
+    else:
+        if os.listdir(out):
+            raise FileExistsError(f"{out} exists and is not a teacher cache; choose another --out (nothing was "
+                                  "changed)")
+        emb = np.lib.format.open_memmap(os.path.join(out, EMBEDDINGS), mode="w+", dtype=np.float32, shape=(n, 2, e))
+        done = np.lib.format.open_memmap(os.path.join(out, DONE), mode="w+", dtype=bool, shape=(n,))
+        np.save(os.path.join(out, LABELS), np.asarray(source.labels, np.int32))
+        _write_json(head_path, header)
+
+    todo = np.flatnonzero(~np.asarray(done)).astype(np.int64)
+    log.info("teacher cache %s: %d of %d images to embed with %s at %dx%d, crop %s", out, len(todo), n, run.model,
+             size, size, crop)
+
+    def load(index):
+        if source.render is not None:
+            return source.render(index[None])[0], tf.constant(True)
+        return images_lib.decode_image_tf(source.read(index), image_size=size, crop=crop, name=source.name(index))
+
+    ds = tf.data.Dataset.from_tensor_slices(todo)
+    ds = ds.map(lambda i: (i, *load(i)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size).prefetch(2)
+
+    @jax.jit
+    def embed(variables, images):
+        x = (images.astype(jnp.float32) - 127.5) / 127.5
+        both = jnp.concatenate([x, jnp.flip(x, axis=2)])
+        out = model.apply(variables, both, train=False).astype(jnp.float32)
+        return jnp.stack([out[:images.shape[0]], out[images.shape[0]:]], axis=1)
+
+    from tqdm import tqdm
+
+    corrupt = list(header.get("corrupt", []))
+    bar = tqdm(total=n, initial=n - len(todo), unit="img", desc="teacher cache", disable=not progress,
+               mininterval=5.0)
+    t0 = time.time()
+    for index, images, ok in ds.as_numpy_iterator():
+        count = len(index)
+        if count < batch_size:  # pad the last batch: one compiled shape
+            images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:], images.dtype)])
+        rows = np.array(embed(variables, images))[:count]  # a writable copy
+        rows[~ok] = 0.0  # never read: the pipeline replaces an undecodable image by the next one
+        corrupt += [int(i) for i in index[~ok]]
+        emb[index] = rows
+        emb.flush()
+        done[index] = True  # after the rows are on disk: a stopped build redoes at most one batch
+        done.flush()
+        bar.update(count)
+    bar.close()
+    if corrupt:
+        log.warning("teacher cache %s: %d images could not be decoded (zero rows): %s", out, len(corrupt),
+                    corrupt[:10])
+    valid = np.ones(n, bool)
+    valid[corrupt] = False
+    centres = class_centres(emb, np.asarray(source.labels), source.num_classes, valid)
+    np.save(os.path.join(out, CENTRES), centres)
+    header.update(corrupt=sorted(set(corrupt)), complete=True, embed_seconds=round(time.time() - t0, 1))
+    _write_json(head_path, header)
+    del emb, done
+    log.info("teacher cache %s complete: %d images x 2 flips x %d dims, centres of %d identities", out, n, e,
+             source.num_classes)
+    return open_cache(out)

