@@ -26,6 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from facekd_jax import logs
+    logs.quiet(logging.get_absl_handler())
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     from facekd_jax.cpu import xla_flags  # pure Python: flags only, no native code

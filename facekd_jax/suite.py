@@ -72,7 +72,7 @@ LABEL_FREE = "label_free_kd"
 DLIB_BASELINE = "baseline"
 PRESETS["lfw_dlib"] = dict(
     train="lfw:{dir}", val=["lfw:{dir}"], students=("mobilefacenet",), image_size=64, embedding_size=128,
-    batch_size=64, steps=600, lr=0.1, scale=32.0, eval_batch_size=250, seeds=3)
+    batch_size=64, steps=150, lr=0.1, scale=32.0, eval_batch_size=250, seeds=3)
 
 
 def suite_config(config_module: str, *, data: str, workdir: str, steps: Optional[int], overrides: Dict[str, Any],
@@ -409,6 +409,9 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=None, help="margin-head scale s for every model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from facekd_jax import logs
+    for handler in logging.getLogger().handlers:
+        logs.quiet(handler)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The KD students share their init and eval programs: compile them once for the whole suite.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.workdir), ".jax_cache"))

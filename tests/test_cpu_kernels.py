@@ -128,10 +128,13 @@ def test_conv_takes_onednn_only_where_it_computes_the_call_exactly():
 
 
 def test_model_layers_decided_once_from_the_config_choice():
-    """The tests run on 8 fake CPU devices: "auto" gives flax's layers there (the custom calls have no SPMD rule),
-    "onednn" refuses naming why, "xla" never asks; on one device "auto" gives the oneDNN layers where available."""
+    """The tests run on 8 fake CPU devices: "auto" gives flax's layers there with depthwise taps (the custom calls
+    have no SPMD rule), "onednn" refuses naming why, "xla" never asks; on one device "auto" gives the oneDNN layers
+    where available."""
+    from facekd_jax.cpu.layers import TapsConv
+
     assert cpu.model_layers("xla", num_devices=1) == {}
-    assert cpu.model_layers("auto", num_devices=8) == {}
+    assert cpu.model_layers("auto", num_devices=8) == {"conv": TapsConv}
     with pytest.raises(RuntimeError, match="8 devices"):
         cpu.model_layers("onednn", num_devices=8)
     with pytest.raises(ValueError, match="cpu_kernels='fast'"):
@@ -141,7 +144,35 @@ def test_model_layers_decided_once_from_the_config_choice():
         from facekd_jax.cpu.layers import FusedBatchNorm, OnednnConv
         assert one == {"conv": OnednnConv, "norm": FusedBatchNorm}
     else:
-        assert one == {}
+        assert one == {"conv": TapsConv}
+
+
+@pytest.mark.parametrize("stride,kernel,pad", [(1, 3, 1), (2, 3, 1), (1, 4, 0), (2, 3, 0)])
+def test_depthwise_taps_equal_the_grouped_convolution_and_its_gradients(stride, kernel, pad):
+    """cpu.layers' depthwise path (MobileFaceNet's 3x3 and GDConv layers) against lax's grouped convolution."""
+    from facekd_jax.cpu.layers import TapsConv
+
+    rng = np.random.default_rng(stride * 10 + kernel)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 6), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6), dtype=np.float32))
+    pads = ((pad, pad), (pad, pad))
+
+    def grouped(x, w):
+        return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=NHWC,
+                                        feature_group_count=6, precision=lax.Precision.HIGHEST)
+
+    def taps(x, w):
+        module = TapsConv(6, (kernel, kernel), strides=(stride, stride), padding=pads, feature_group_count=6,
+                          use_bias=False)
+        return module.apply({"params": {"kernel": w}}, x)
+
+    hlo = jax.jit(taps).lower(x, w).as_text()
+    assert "feature_group_count" not in hlo  # no grouped convolution left
+    np.testing.assert_allclose(taps(x, w), grouped(x, w), rtol=1e-5, atol=1e-5)
+    g_taps = jax.grad(lambda x, w: jnp.sum(jnp.sin(taps(x, w))), argnums=(0, 1))(x, w)
+    g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(grouped(x, w))), argnums=(0, 1))(x, w)
+    for a, b in zip(g_taps, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_a_failed_build_names_the_cause(monkeypatch, tmp_path):

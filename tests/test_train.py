@@ -118,6 +118,8 @@ def test_main_trains_teacher_then_distils_then_evaluates(tmp_path):
     proc = run_main("configs/feature_kd.py:smoke", student_dir, {"teacher.workdir": str(teacher_dir)}, devices=8)
     log = proc.stdout + proc.stderr
     assert "SYNTHETIC" in log and "feature" in log and "[synthetic][6]Accuracy-Flip:" in log
+    # One line per event: Orbax's INFO chatter (about ten lines per checkpoint) is filtered out (facekd_jax.logs).
+    assert "checkpoint_manager.py" not in log and "async_checkpointer.py" not in log
     assert (student_dir / "config.json").exists()
     assert list((student_dir).glob("events.out.tfevents*")), "no TensorBoard events written"
     results = json.loads((student_dir / "eval" / "results.json").read_text())
@@ -206,3 +208,21 @@ def test_eval_architecture_comes_from_the_run_and_a_damaged_run_config_is_named(
     with pytest.raises(ValueError, match="config.json"):
         train.evaluate_workdir(config, str(tmp_path))
     assert (tmp_path / "config.json").read_text() == '{"model": "resn'  # nothing rewritten
+
+
+def test_a_config_file_outside_the_repository_trains_from_another_directory(tmp_path):
+    """Config files import only the installed package (facekd_jax.config_lib), not the repository's configs/."""
+    import shutil
+
+    shutil.copy(REPO / "configs" / "baseline_resnet56.py", tmp_path / "my_config.py")
+    env = subprocess_env(1)
+    env["PYTHONPATH"] = ""
+    proc = subprocess.run([sys.executable, "-m", "facekd_jax.main", "--config=my_config.py:tiny,num_train_steps=2",
+                           "--workdir=w"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["num_train_steps"] == 2
+    # A typo in the file name is one line, and nothing is created.
+    proc = subprocess.run([sys.executable, "-m", "facekd_jax.main", "--config=my_confg.py", "--workdir=w2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "my_confg.py does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "w2").exists()

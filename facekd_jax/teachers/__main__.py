@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     cache.add_argument("--checkpoint", default="latest", choices=["latest", "best"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from facekd_jax import logs
+    for handler in logging.getLogger().handlers:
+        logs.quiet(handler)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from facekd_jax.cpu import xla_flags
     xla_flags.apply_cpu_defaults(onednn=False)  # before JAX starts: faster XLA:CPU fusions for the teacher
