@@ -401,9 +401,13 @@ def compare(runs: Mapping[str, Mapping[str, Any]], baseline: str | None = None) 
 
 
 def _atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Writes through a temporary file in the same folder, renamed over path when complete."""
+    """Writes through a temporary file in the same folder, renamed over path when complete; the file gets the
+    permissions the umask allows (mkstemp's are 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -479,11 +483,22 @@ def evaluate_targets(apply_fn: Callable, variables: Any, targets: Mapping[str, t
 
 
 def write_results(eval_dir, results: Mapping[str, dict], *, step: int) -> None:
-    """Writes eval_dir/results.json ({"step": step, name: verify() dict}) and eval_dir/roc.png, each atomically."""
+    """Writes eval_dir/results.json ({"step": step, name: verify() dict with its own "step"}) and eval_dir/roc.png,
+    each atomically. Sets evaluated earlier under other names are kept (an eval on AgeDB does not erase LFW's);
+    a set of the same name is replaced."""
     if "step" in results:
         raise ValueError("write_results: a verification set may not be named 'step'")
     eval_dir = pathlib.Path(eval_dir)
-    payload = {"step": int(step), **results}
+    kept = {}
+    if (eval_dir / "results.json").exists():
+        try:
+            kept = json.loads((eval_dir / "results.json").read_text())
+        except ValueError:
+            kept = {}  # unreadable: replaced by this evaluation
+        kept.pop("step", None)
+    merged = {**kept, **{name: dict(r, step=int(step)) for name, r in results.items()}}
+    payload = {"step": int(step), **merged}
     _atomic_write(eval_dir / "results.json", lambda f: json.dump(payload, f, indent=1))
-    curves = {name: (r["roc"]["fmr"], r["roc"]["fnmr"]) for name, r in results.items()}
+    curves = {name: (r["roc"]["fmr"], r["roc"]["fnmr"]) for name, r in merged.items()
+              if isinstance(r, dict) and "roc" in r}
     plot_roc(curves, eval_dir / "roc.png", title=f"step {step}")

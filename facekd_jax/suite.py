@@ -192,6 +192,8 @@ def _teacher_spec(spec: str, crop) -> str:
     from facekd_jax.data import verification
 
     kind, _, rest = spec.partition(":")
+    if crop is None:
+        return spec
     box = ",".join(str(v) for v in crop)
     if kind in ("lfw", "lfw-view2"):
         root = images_lib.split_crop(rest)[0]
@@ -219,8 +221,8 @@ def _teacher_record(teacher_dir: str, spec: str, eval_batch_size: int, log) -> D
         t0 = time.time()
         results = train.evaluate_workdir(config, teacher_dir)["results"]
         summary = models.model_summary(run.model, image_size=run.image_size, embedding_size=run.embedding_size)
-        cached[spec] = {"description": f"dlib ResNet-29 teacher (imported, {run.image_size}x{run.image_size}, "
-                                       "its own crop)", "model": run.model, "eval": results,
+        cached[spec] = {"description": f"{run.model} teacher ({run.image_size}x{run.image_size}, its own crop)",
+                        "model": run.model, "eval": results,
                         "params": summary["params"], "gflops": summary["gflops"], "mb": summary["mb"],
                         "image_size": run.image_size, "train_seconds": 0.0, "eval_seconds": time.time() - t0}
         with open(path, "w") as f:
@@ -228,32 +230,50 @@ def _teacher_record(teacher_dir: str, spec: str, eval_batch_size: int, log) -> D
     return cached[spec]
 
 
-def run_dlib_suite(lfw_dir: str, workdir: str, *, seeds: int, students: Optional[List[str]] = None,
-                   steps: Optional[int] = None, only: Optional[List[str]] = None,
-                   overrides: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
-    """The thesis's question with a strong teacher: dlib's descriptor (imported, cached) distilled into each
-    student, every method of DISTILL_RUNS, `seeds` seeds; writes the per-student summaries."""
-    from facekd_jax.teachers import cache as cache_lib
+def run_dlib_suite(lfw_dir: str, workdir: str, **kwargs) -> Dict[str, Any]:
+    """The thesis's question with a strong teacher: dlib's descriptor imported into DIR/teacher_dlib, then
+    run_teacher_suite on LFW's View 1 training people (label-free row: all of their images)."""
     from facekd_jax.teachers.imported import import_dlib
 
+    teacher_dir = os.path.join(workdir, "teacher_dlib")
+    import_dlib(teacher_dir, log=kwargs.get("log", print))
+    return run_teacher_suite(teacher_dir, workdir, train=f"lfw:{lfw_dir}", label_free=f"lfw-all:{lfw_dir}",
+                             **kwargs)
+
+
+def run_teacher_suite(teacher_dir: str, workdir: str, *, train: str, label_free: str, seeds: int,
+                      students: Optional[List[str]] = None, steps: Optional[int] = None,
+                      only: Optional[List[str]] = None, overrides: Optional[Dict[str, Any]] = None,
+                      preset_name: str = "lfw_dlib", log=print) -> Dict[str, Any]:
+    """Every method of DISTILL_RUNS from the teacher run in `teacher_dir`, through its embedding caches (built in
+    DIR/cache_0 for `train` and DIR/cache_1 for `label_free` when missing), for each student and `seeds` seeds;
+    evaluates the teacher on the same pairs with its own crop; writes DIR/summary.json, summary.md and
+    roc_<student>.png. Returns {student: summary}."""
+    from facekd_jax import config_lib
+    from facekd_jax.teachers import cache as cache_lib
+    from facekd_jax.teachers.imported import read_teacher_run
+
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    preset = PRESETS["lfw_dlib"]
-    students = list(students or preset["students"])
+    students = list(students or PRESETS[preset_name]["students"])
     names = [r[0] for r in DISTILL_RUNS]
     wanted = only or names
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         raise ValueError(f"unknown suite runs {unknown}; known: {names}")
     os.makedirs(workdir, exist_ok=True)
-    teacher_dir = os.path.join(workdir, "teacher_dlib")
-    teacher = import_dlib(teacher_dir, log=log)
-    caches = {"lfw": os.path.join(workdir, "cache_lfw")}
-    if LABEL_FREE in wanted:
-        caches["lfw-all"] = os.path.join(workdir, "cache_lfw_all")
-    for kind, cache_dir in caches.items():
+    teacher = read_teacher_run(teacher_dir)
+    specs = {"train": train, "label_free": label_free}
+    caches = {}
+    for role, spec in specs.items():
+        if role == "label_free" and LABEL_FREE not in wanted:
+            continue
+        name = "cache_" + spec.split(":", 1)[0].replace("-", "_")  # cache_lfw, cache_lfw_all
+        if role == "label_free" and spec.split(":", 1)[0] == train.split(":", 1)[0]:
+            name += "_label_free"
+        caches[role] = os.path.join(workdir, name)
         t0 = time.time()
-        built = cache_lib.build_cache(teacher_dir, f"{kind}:{lfw_dir}", cache_dir)
-        log(f"teacher cache {cache_dir}: {built.header['data']['num_images']} images ({time.time() - t0:.0f} s)")
+        built = cache_lib.build_cache(teacher_dir, spec, caches[role])
+        log(f"teacher cache {caches[role]}: {built.header['data']['num_images']} images ({time.time() - t0:.0f} s)")
 
     summaries = {}
     for student in students:
@@ -262,31 +282,30 @@ def run_dlib_suite(lfw_dir: str, workdir: str, *, seeds: int, students: Optional
             for name, module, description, extra in DISTILL_RUNS:
                 if name not in wanted:
                     continue
-                config = suite_config(module, data=f"lfw:{lfw_dir}", workdir=workdir, steps=steps,
-                                      overrides=dict(overrides, student=student), preset_name="lfw_dlib")
+                config = suite_config(module, data=train, workdir=workdir, steps=steps,
+                                      overrides=dict(overrides, student=student), preset_name=preset_name)
                 config.seed = seed
                 if config.teacher.model:
-                    kind = "lfw-all" if name == LABEL_FREE else "lfw"
+                    role = "label_free" if name == LABEL_FREE else "train"
                     config.teacher.model, config.teacher.workdir = teacher.model, teacher_dir
                     config.teacher.embedding_size = teacher.embedding_size
-                    config.teacher.cache = caches[kind]
-                    config.data.train = f"{kind}:{lfw_dir}"
+                    config.teacher.cache = caches[role]
+                    config.data.train = specs[role]
                     config.kd.projection = config.embedding_size != teacher.embedding_size
                 for key, value in extra.items():
-                    from facekd_jax import config_lib
                     config_lib.set_field(config, key, value)
                 run_dir = os.path.join(workdir, student, f"seed{seed}", name)
                 record = _train_record(f"{student} seed {seed} {name}", description, config, run_dir, log)
                 seed_records.setdefault(name, []).append(record)
         val = next(iter(next(iter(seed_records.values()))[0]["eval"]))
-        spec = config.data.val_targets[0]
-        teacher_rec = _teacher_record(teacher_dir, _teacher_spec(spec, teacher.crops["lfw"]),
+        teacher_rec = _teacher_record(teacher_dir, _teacher_spec(config.data.val_targets[0],
+                                                                 teacher.crop_for(train)),
                                       config.eval_batch_size, log)
         summaries[student] = write_seed_summary(student, seed_records, teacher_rec, workdir, val, log=log)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump({"students": summaries, "seeds": seeds}, f, indent=2)
+        json.dump({"students": summaries, "seeds": seeds, "teacher": teacher.workdir}, f, indent=2)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
-        for student, summary in summaries.items():
+        for summary in summaries.values():
             f.write(summary["markdown"] + "\n")
     log(f"wrote {workdir}/summary.json, summary.md, roc_<student>.png")
     return summaries
@@ -307,14 +326,14 @@ def write_seed_summary(student: str, seed_records: Dict[str, List[Dict[str, Any]
     baseline = seed_records.get(DLIB_BASELINE)
     rows, curves = {}, {}
     t = result(teacher)
-    rows["teacher_dlib"] = {"description": teacher["description"], "accuracy_mean": t["accuracy"],
+    rows["teacher"] = {"description": teacher["description"], "accuracy_mean": t["accuracy"],
                             "accuracy_std_over_seeds": 0.0, "accuracy_per_seed": [t["accuracy"]],
                             "p_vs_baseline_per_seed": [evaluate.mcnemar(t["correct"], result(b)["correct"])["p_value"]
                                                        for b in baseline] if baseline else [],
                             "eer_mean": t["eer"], "fnmr_at_fmr_1e-3_mean": t["fnmr_at_fmr"]["1e-3"],
                             "params": teacher["params"], "gflops": teacher["gflops"], "train_seconds_mean": 0.0,
                             "image_size": teacher["image_size"]}
-    curves["teacher_dlib"] = (t["roc"]["fmr"], t["roc"]["fnmr"])
+    curves["teacher"] = (t["roc"]["fmr"], t["roc"]["fnmr"])
     for name, recs in seed_records.items():
         res = [result(r) for r in recs]
         acc = [r["accuracy"] for r in res]
@@ -345,7 +364,7 @@ def write_seed_summary(student: str, seed_records: Dict[str, List[Dict[str, Any]
                      f"{r['train_seconds_mean']:.0f} |")
     markdown = "\n".join(lines) + "\n"
     evaluate.plot_roc(curves, os.path.join(workdir, f"roc_{student}.png"),
-                      title=f"{student} students and the dlib teacher, {val} (seed 0)")
+                      title=f"{student} students and their teacher, {val} (seed 0)")
     log(markdown)
     return {"verification_set": val, "pairs": pairs, "rows": rows, "markdown": markdown}
 

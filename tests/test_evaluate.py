@@ -1,6 +1,7 @@
 """facekd_jax.evaluate: the verification protocol against a plain NumPy transliteration of insightface's
 verification.py (written here), hand-made cases with exact answers, statistics, reports and embedding."""
 import json
+import os
 import math
 import re
 
@@ -380,5 +381,13 @@ def test_evaluate_targets_and_write_results(tiny, tmp_path):
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert saved["step"] == 7 and saved["syn"]["accuracy"] == 1.0 and len(saved["syn"]["correct"]) == 30
     assert (tmp_path / "eval" / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    # Readable as the umask allows (not mkstemp's 0600); a second set evaluated later keeps the first one's results.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "eval" / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    ev.write_results(tmp_path / "eval", {"other": dict(results["syn"], accuracy=0.5)}, step=9)
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["step"] == 9 and saved["other"]["step"] == 9 and saved["other"]["accuracy"] == 0.5
+    assert saved["syn"]["step"] == 7 and saved["syn"]["accuracy"] == 1.0
     with pytest.raises(ValueError, match="images for"):
         ev.evaluate_targets(apply, variables, {"bad": (images[:59], issame)}, step=0, log=lines.append)

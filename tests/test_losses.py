@@ -408,6 +408,19 @@ def test_rkd_scale_and_translation_invariant(a, b, shift):
 
 
 
+def test_rkd_angle_is_accurate_for_near_duplicate_embeddings():
+    """Nearly equal rows (one person's crops) among distant ones: float32 must follow float64, not blow up (the
+    Gram-matrix form gave 1.4e7 here where float64 gives 0.05)."""
+    rng = np.random.default_rng(5)
+    far = rng.standard_normal((4, 64)) * 10
+    near = far[0] + 1e-4 * rng.standard_normal((4, 64))
+    s = np.concatenate([far, near]).astype(np.float32)
+    t = rng.standard_normal((8, 32)).astype(np.float32)
+    got = float(_rkd_a_jit(s, t))
+    want = np_rkd_angle(s.astype(np.float64), t)
+    assert np.isfinite(got) and got == pytest.approx(want, rel=1e-3)
+
+
 def test_rkd_finite_gradient_with_duplicate_rows():
     s = jax.random.normal(jax.random.key(24), (6, 4)).at[1].set(0).at[2].set(0)  # two identical rows
     t = jax.random.normal(jax.random.key(25), (6, 5))

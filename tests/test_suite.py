@@ -61,3 +61,39 @@ def test_suite_config_gives_every_model_the_same_data_budget_and_head(tmp_path):
     c = suite.suite_config("baseline_resnet56", data="synthetic", workdir=str(tmp_path), steps=7,
                            overrides={"scale": 16.0})
     assert c.scale == 16.0 and c.num_train_steps == 7
+
+
+@pytest.mark.slow
+def test_teacher_suite_at_toy_size_aggregates_seeds_and_has_the_label_free_row(tmp_path):
+    """The real-teacher suite's machinery on a random teacher run and synthetic faces: caches built, every
+    method for 2 seeds, per-seed McNemar against that seed's baseline, the teacher's row, the label-free row."""
+    from test_teacher_cache import WIDTH, make_teacher_run
+
+    make_teacher_run(tmp_path / "teacher")
+    toy = {"image_size": 16, "batch_size": 16, "embedding_size": WIDTH, "val_targets": ("synthetic:40",),
+           "eval_batch_size": 40}
+    names = ["baseline", "feature_kd", suite.LABEL_FREE]  # a subset: every method compiles its own step
+    kwargs = dict(train="synthetic:6:4", label_free="synthetic:8:3", seeds=2, students=["resnet8"], steps=2,
+                  overrides=toy)
+    summaries = suite.run_teacher_suite(str(tmp_path / "teacher"), str(tmp_path / "w"), log=lambda *_: None,
+                                        only=names, **kwargs)
+    on_disk = json.loads((tmp_path / "w" / "summary.json").read_text())
+    rows = on_disk["students"]["resnet8"]["rows"]
+    assert list(rows) == ["teacher"] + names
+    for name, row in rows.items():
+        seeds = 1 if name == "teacher" else 2
+        assert len(row["accuracy_per_seed"]) == seeds, name
+        assert row["accuracy_mean"] == pytest.approx(sum(row["accuracy_per_seed"]) / seeds)
+        assert len(row["p_vs_baseline_per_seed"]) == (0 if name == suite.DLIB_BASELINE else 2), name
+    # The label-free row trained on its own source, with CE weighted 0: its run's config says so.
+    config = json.loads((tmp_path / "w" / "resnet8" / "seed1" / suite.LABEL_FREE / "config.json").read_text())
+    assert config["data"]["train"] == "synthetic:8:3" and config["kd"]["ce_weight"] == 0.0
+    assert config["teacher"]["cache"].endswith("cache_synthetic_label_free") and config["seed"] == 1
+    assert (tmp_path / "w" / "roc_resnet8.png").stat().st_size > 1000
+    assert "| label_free_kd |" in (tmp_path / "w" / "summary.md").read_text()
+    assert summaries["resnet8"]["pairs"] == 40
+    # A changed field is not a finished run: --lr retrains, the same config reuses.
+    logs = []
+    suite.run_teacher_suite(str(tmp_path / "teacher"), str(tmp_path / "w"), log=logs.append,
+                            only=["baseline"], **dict(kwargs, overrides=dict(toy, lr=0.01)))
+    assert not any("reused" in line for line in logs) and any("baseline" in line for line in logs)
