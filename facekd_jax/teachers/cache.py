@@ -30,6 +30,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from facekd_jax.teachers.imported import write_json
+
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "facekd_jax.teacher_cache", 1
@@ -68,13 +70,6 @@ def data_identity(spec: str, source) -> Dict[str, Any]:
         base = f"{kind}:{os.path.abspath(images_lib.split_crop(rest)[0])}"
     return {"spec": base, "num_images": int(source.num_images), "num_classes": int(source.num_classes),
             "labels_sha256": _labels_digest(source.labels)}
-
-
-def _write_json(path: str, payload: Dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 class TeacherCache:
@@ -227,7 +222,7 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
         emb = np.lib.format.open_memmap(os.path.join(out, EMBEDDINGS), mode="w+", dtype=np.float32, shape=(n, 2, e))
         done = np.lib.format.open_memmap(os.path.join(out, DONE), mode="w+", dtype=bool, shape=(n,))
         np.save(os.path.join(out, LABELS), np.asarray(source.labels, np.int32))
-        _write_json(head_path, header)
+        write_json(head_path, header)
 
     todo = np.flatnonzero(~np.asarray(done)).astype(np.int64)
     log.info("teacher cache %s: %d of %d images to embed with %s at %dx%d, crop %s", out, len(todo), n, run.model,
@@ -276,7 +271,7 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
     centres = class_centres(emb, np.asarray(source.labels), source.num_classes, valid)
     np.save(os.path.join(out, CENTRES), centres)
     header.update(corrupt=sorted(set(corrupt)), complete=True, embed_seconds=round(time.time() - t0, 1))
-    _write_json(head_path, header)
+    write_json(head_path, header)
     del emb, done
     log.info("teacher cache %s complete: %d images x 2 flips x %d dims, centres of %d identities", out, n, e,
              source.num_classes)

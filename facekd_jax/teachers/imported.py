@@ -72,7 +72,8 @@ def read_teacher_run(workdir: str) -> TeacherRun:
                       embedding_size=embedding_size, crops=crops, imported=imported)
 
 
-def _write_json(path: str, payload: Dict[str, Any]) -> None:
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    """JSON through a temporary file renamed into place: a reader never sees half a file."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
@@ -122,14 +123,14 @@ def import_dlib(out: str, *, weights: Optional[str] = None, log=log.info) -> Tea
     config.data.val_targets = ()
     config.best_metric = ""
     os.makedirs(out, exist_ok=True)
-    _write_json(os.path.join(out, "config.json"), json.loads(config.to_json_best_effort()))
+    write_json(os.path.join(out, "config.json"), json.loads(config.to_json_best_effort()))
     ckpt = ckpt_lib.Checkpointer(out, max_to_keep=1, async_save=False)
     try:
         ckpt.save(0, {"params": {"backbone": variables["params"]}},
                   {"step": 0, "imported_from": os.path.abspath(path), "sha256": digest})
     finally:
         ckpt.close()
-    _write_json(meta_path, {
+    write_json(meta_path, {
         "model": "dlib_resnet29", "source": os.path.abspath(path), "sha256": digest, "parameters": params,
         "image_size": size, "embedding_size": width,
         "normalisation": "pixel - (122.782, 117.001, 104.298), / 256 (inside the model; inputs as every model's)",
