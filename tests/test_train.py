@@ -118,8 +118,10 @@ def test_main_trains_teacher_then_distils_then_evaluates(tmp_path):
     proc = run_main("configs/feature_kd.py:smoke", student_dir, {"teacher.workdir": str(teacher_dir)}, devices=8)
     log = proc.stdout + proc.stderr
     assert "SYNTHETIC" in log and "feature" in log and "[synthetic][6]Accuracy-Flip:" in log
-    # One line per event: Orbax's INFO chatter (about ten lines per checkpoint) is filtered out (facekd_jax.logs).
-    assert "checkpoint_manager.py" not in log and "async_checkpointer.py" not in log
+    # One line per event: Orbax's INFO chatter (about ten lines per checkpoint) is filtered out (facekd_jax.logs);
+    # its warnings stay.
+    info = [line for line in log.splitlines() if line.startswith("I")]
+    assert info and not any("checkpoint_manager.py" in line or "async_checkpointer.py" in line for line in info)
     assert (student_dir / "config.json").exists()
     assert list((student_dir).glob("events.out.tfevents*")), "no TensorBoard events written"
     results = json.loads((student_dir / "eval" / "results.json").read_text())

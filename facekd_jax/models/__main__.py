@@ -11,7 +11,7 @@ import argparse
 
 import jax
 
-from facekd_jax.models import MODEL_NAMES, model_summary
+from facekd_jax.models import FIXED_SHAPES, MODEL_NAMES, model_summary
 
 
 def format_table(rows: list[dict], image_size: int) -> str:
@@ -45,6 +45,7 @@ def format_table(rows: list[dict], image_size: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m facekd_jax.models", description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=112, help="input side S (default 112)")
+    parser.add_argument("--embedding-size", type=int, default=512, help="embedding width E (default 512)")
     parser.add_argument(
         "--models", default=",".join(MODEL_NAMES), help=f"comma-separated subset of {', '.join(MODEL_NAMES)}"
     )
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in MODEL_NAMES]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODEL_NAMES)}")
-    rows = [model_summary(name, image_size=args.image_size) for name in names]
+    # Imported networks (dlib_resnet29) are summarised at the sizes their weights fix.
+    rows = [model_summary(name, image_size=FIXED_SHAPES.get(name, (args.image_size,))[0],
+                          embedding_size=FIXED_SHAPES.get(name, (0, args.embedding_size))[1]) for name in names]
     print(format_table(rows, args.image_size))
 
 

@@ -56,7 +56,7 @@ def model_summary(name: str, image_size: int = 112, **kwargs) -> dict:
         gflops = _flops(lowered.compile().cost_analysis()) / 1e9
     return dict(
         name=name,
-        head=getattr(model, "head", None),
+        head=getattr(model, "head", "own"),  # an imported network has no head choice
         image_size=image_size,
         params=params,
         gflops=gflops,
