@@ -211,7 +211,10 @@ def _teacher_record(teacher_dir: str, spec: str, eval_batch_size: int, log) -> D
 
     run = read_teacher_run(teacher_dir)
     path = os.path.join(teacher_dir, "suite_eval.json")
-    cached = json.load(open(path)) if os.path.exists(path) else {}
+    cached = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
     if spec not in cached:
         log(f"== teacher: {run.model} on {spec} ==")
         config = config_lib.default_config()

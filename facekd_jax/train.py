@@ -353,10 +353,6 @@ class Setup:
     abstract: TrainState             # ShapeDtypeStructs with the target shardings (what a checkpoint restores into)
     train_step: Callable             # jitted (state, batch, teacher_variables) -> (state, metrics)
 
-    @property
-    def state_sharding(self) -> PyTree:
-        return jax.tree.map(lambda a: a.sharding, self.abstract)
-
     def init_state(self) -> TrainState:
         return create_train_state(self.config, self.student, self.tx, self.num_classes, self.mesh)
 
