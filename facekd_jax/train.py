@@ -397,11 +397,12 @@ def replicated_abstract_variables(model: nn.Module, num_classes: Optional[int], 
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
 
 
-def load_teacher(run: Setup) -> Dict[str, PyTree]:
+def load_teacher(run: Setup, cache=None) -> Dict[str, PyTree]:
     """The frozen teacher's variables the train step needs, replicated on the run's mesh ({} without KD).
 
     With config.teacher.cache: only the class centres where a method needs them (the cache's per-identity means,
-    facekd_jax.teachers.cache); the embeddings come with each batch. Otherwise restored from teacher.workdir:
+    facekd_jax.teachers.cache; `cache` is the already opened one, if any); the embeddings come with each batch.
+    Otherwise restored from teacher.workdir:
     the backbone (and batch stats) where the teacher runs live, the margin head where centres are needed.
     """
     config, mesh = run.config, run.mesh
@@ -412,8 +413,10 @@ def load_teacher(run: Setup) -> Dict[str, PyTree]:
     if config.teacher.cache:
         if not want_head:
             return {}
-        from facekd_jax.teachers import cache as cache_lib
-        centres = cache_lib.open_cache(config.teacher.cache).centres()
+        if cache is None:
+            from facekd_jax.teachers import cache as cache_lib
+            cache = cache_lib.open_cache(config.teacher.cache)
+        centres = cache.centres()
         if centres.shape[1] != run.num_classes:
             raise ValueError(f"config.teacher.cache={config.teacher.cache}: centres for {centres.shape[1]} "
                              f"identities, the training data has {run.num_classes}")
@@ -553,7 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
     run = setup(config, num_classes=num_classes, mesh=mesh, num_train_steps=num_train_steps)
     student, train_step = run.student, run.train_step
-    teacher_embeddings = None
+    teacher_embeddings = teacher_cache = None
     if config.teacher.cache and needs_teacher(config.kd):
         from facekd_jax.teachers import cache as cache_lib
         teacher_cache = cache_lib.open_cache(config.teacher.cache)
@@ -570,7 +573,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         state = run.init_state()
     start_step = int(state.step)
 
-    teacher_variables = load_teacher(run)
+    teacher_variables = load_teacher(run, teacher_cache)
     val_targets = load_val_targets(config) if config.data.val_targets else {}
     # One apply function for the run: evaluate's jitted embed is cached on it, so periodic evaluations compile once.
     eval_apply = _eval_apply(student)
