@@ -215,3 +215,16 @@ def test_teacher_run_describes_its_network(tmp_path):
     assert run.crop_for("lfw:/x") is None
     with pytest.raises(FileNotFoundError, match="not a facekd_jax run"):
         read_teacher_run(str(tmp_path / "missing"))
+
+
+def test_train_loop_distils_from_the_cache_with_teacher_centres(built, tmp_path):
+    """The loop end to end with a cache and a method that needs the teacher's centres (ArcFace-logit KD)."""
+    root, _, _, cache = built
+    cfg = tiny_config("arcface_kd", **{"teacher.model": "resnet8", "teacher.workdir": str(root / "teacher"),
+                                       "teacher.cache": cache.directory, "data.train": SPEC, "num_train_steps": 2,
+                                       "data.val_targets": ()})
+    out = train.train_and_evaluate(cfg, str(tmp_path / "student"))
+    assert out["step"] == 2 and np.isfinite(out["metrics"]["hinton"]) and out["metrics"]["hinton"] > 0
+    cfg.data.train = "synthetic:6:5"  # other data than the cache was built for: refused before any step
+    with pytest.raises(cache_lib.CacheMismatchError, match="another dataset"):
+        train.train_and_evaluate(cfg, str(tmp_path / "other"))
