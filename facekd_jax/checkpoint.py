@@ -4,26 +4,91 @@ Layout of a workdir:
   WORKDIR/checkpoints/<step>/{state,meta}   newest `max_to_keep` train states + JSON metadata
   WORKDIR/best/<step>/{state,meta}          the best state by a verification metric (when configured)
   WORKDIR/checkpoints/corrupt-<step>/       a damaged checkpoint, moved aside (never deleted) on resume
+  WORKDIR/lock                              held by the run writing to the workdir (WorkdirLock)
 
 A checkpoint is the train state as a plain dict (step, params, batch_stats, opt_state, rng, ...) plus
-metadata (config, step, data position, last metrics). Arrays are restored straight into the shardings of
-the current mesh, so a run saved on 8 devices resumes on 1 and the other way round.
+metadata (config, step, data position, last metrics, and a fingerprint of every array: `fingerprint`).
+Arrays are restored straight into the shardings of the current mesh, so a run saved on 8 devices resumes on 1
+and the other way round. A restored checkpoint whose arrays do not match their fingerprint is damaged (bytes
+changed on disk), like one whose files cannot be read: the run passes over it to the one before.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 import time
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
 STATE, META = "state", "meta"
+FINGERPRINT = "fingerprint"  # meta key: {leaf path: fingerprint} of the saved state
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (full disk, lost permissions, ...): the run stops."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint's arrays differ from the fingerprints written with them."""
+
+
+def _leaf_bits(x: jax.Array) -> jax.Array:
+    """The leaf's raw bits as uint32 (floats and ints bit-cast; 8/16-bit types widened; keys as their data)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = jnp.dtype(x.dtype).itemsize
+    if width == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if width in (1, 2):
+        unsigned = jnp.uint8 if width == 1 else jnp.uint16
+        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    raise TypeError(f"cannot fingerprint a {x.dtype} array")
+
+
+@jax.jit
+def _fingerprints(leaves):
+    """Two wrap-around uint32 sums per leaf: of its bits and of its bits times an odd position weight. Integer
+    sums are exact in any order, so the result does not depend on how the array is sharded."""
+    out = []
+    for x in leaves:
+        bits = _leaf_bits(jnp.asarray(x)).reshape(-1)
+        weight = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        out.append(jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)]))
+    return out
+
+
+def fingerprint(tree: Mapping[str, Any]) -> dict:
+    """{leaf path: 16 hex digits} of every array in `tree`: written at save, checked at restore. Scrambled bytes
+    on disk change it (a changed value changes the bit sum; a moved one the weighted sum)."""
+    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(tree)) if jax.tree_util.tree_leaves(tree) else ((), ())
+    sums = jax.device_get(_fingerprints(list(leaves)))
+    return {jax.tree_util.keystr(p): f"{int(a):08x}{int(b):08x}" for p, (a, b) in zip(paths, sums)}
+
+
+def check_fingerprint(tree: Mapping[str, Any], meta: Mapping[str, Any], where: str) -> None:
+    """Raises DamagedCheckpointError naming the arrays of `tree` whose fingerprint differs from the one saved in
+    `meta` (leaves the checkpoint has but `tree` does not read are not checked; an old checkpoint without
+    fingerprints passes)."""
+    saved = meta.get(FINGERPRINT)
+    if not saved:
+        return
+    now = fingerprint(tree)
+    bad = sorted(k for k, v in now.items() if k in saved and saved[k] != v)
+    if bad:
+        raise DamagedCheckpointError(
+            f"{where}: {len(bad)} array(s) differ from the fingerprints written with them: "
+            f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} (the files were changed after the save)")
 
 
 def _manager(directory: str, *, max_to_keep: Optional[int], best_fn: Optional[Callable] = None,
@@ -63,24 +128,46 @@ class Checkpointer:
         """Starts an async save of `state` at `step` (returns at once; `wait()` blocks until it is on disk)."""
         if step in self.latest.all_steps():
             return False
-        return self.latest.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(_jsonable(meta))), force=force)
+        self.check_for_errors()
+        meta = dict(meta, **{FINGERPRINT: fingerprint(dict(state))})
+        try:
+            return self.latest.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(_jsonable(meta))), force=force)
+        except Exception as e:  # noqa: BLE001 - any failure to write stops the run, with its cause
+            raise CheckpointSaveError(_save_failure(self.directory, step, e)) from e
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointSaveError when a background (async) save has failed since the last check."""
+        for manager, directory in ((self.latest, self.directory), (self.best, os.path.join(self.workdir, "best"))):
+            if manager is None:
+                continue
+            try:
+                manager.check_for_errors()
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointSaveError(_save_failure(directory, None, e)) from e
 
     def save_best(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any],
                   metrics: Mapping[str, float]) -> None:
         """Offers `state` to the best-checkpoint manager; it keeps it only if `metrics[best_metric]` is the best."""
         if self.best is None or self.best_metric not in metrics or step in self.best.all_steps():
             return
-        self.best.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(_jsonable(meta))),
-            metrics={self.best_metric: float(metrics[self.best_metric])}, force=True)
+        self.check_for_errors()
+        meta = dict(meta, **{FINGERPRINT: fingerprint(dict(state))})
+        try:
+            self.best.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(_jsonable(meta))),
+                metrics={self.best_metric: float(metrics[self.best_metric])}, force=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointSaveError(_save_failure(os.path.join(self.workdir, "best"), step, e)) from e
 
     def restore_latest(self, abstract_state: Mapping[str, Any]) -> Tuple[Optional[dict], Optional[dict]]:
         """Newest restorable (state, meta), or (None, None) for a fresh run.
 
         `abstract_state`: jax.ShapeDtypeStruct leaves carrying the target shardings. A checkpoint that
-        fails to restore (truncated or missing files) is logged with its step and error and moved aside to
-        `checkpoints/corrupt-<step>`; the run then resumes from the one before. Nothing is deleted.
+        fails to restore (truncated or missing files) or whose arrays differ from their saved fingerprints is
+        logged with its step and error and moved aside to `checkpoints/corrupt-<step>`; the run then resumes
+        from the one before. Nothing is deleted. (A different architecture is not damage: the train loop
+        compares the configs before it gets here, `train.check_resumable`.)
         """
         self.latest.reload()
         for step in sorted(self.latest.all_steps(), reverse=True):
@@ -88,6 +175,7 @@ class Checkpointer:
                 restored = self.latest.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(dict(abstract_state)), meta=ocp.args.JsonRestore()))
                 state, meta = dict(restored[STATE]), dict(restored[META])
+                check_fingerprint(state, meta, os.path.join(self.directory, str(step)))
                 _check_restored(state, step, self.directory)
                 return state, meta
             except Exception as e:  # noqa: BLE001 - any failure to read means: damaged, try the previous one
@@ -108,15 +196,33 @@ class Checkpointer:
         self.latest.reload()
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        if self.best is not None:
-            self.best.wait_until_finished()
+        """Blocks until every started save is on disk; CheckpointSaveError if one failed."""
+        for manager, directory in ((self.latest, self.directory), (self.best, os.path.join(self.workdir, "best"))):
+            if manager is None:
+                continue
+            try:
+                manager.wait_until_finished()
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointSaveError(_save_failure(directory, None, e)) from e
 
     def close(self) -> None:
         self.wait()
         self.latest.close()
         if self.best is not None:
             self.best.close()
+
+
+def _save_failure(directory: str, step: Optional[int], error: BaseException) -> str:
+    """One line: where, which step, and the root cause (e.g. 'No space left on device')."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    text = str(cause).splitlines()[0][:300] if str(cause) else ""
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        text = f"no space left on device ({text})"
+    return (f"saving {what} in {directory} failed: {type(cause).__name__}: {text}. The run stopped; the checkpoints "
+            "already on disk are kept. Free space or fix the cause, then rerun the same command to resume.")
 
 
 def _check_restored(state: Mapping[str, Any], step: int, directory: str) -> None:
@@ -165,6 +271,7 @@ def restore_variables(workdir: str, abstract_variables: Mapping[str, Any], *, wh
                                                  partial_restore=True),
                     meta=ocp.args.JsonRestore()))
                 variables = dict(restored[STATE])
+                check_fingerprint(variables, dict(restored[META]), os.path.join(directory, str(step)))
                 _check_restored(variables, step, directory)
                 return variables, dict(restored[META])
             except Exception as e:  # noqa: BLE001
@@ -173,3 +280,83 @@ def restore_variables(workdir: str, abstract_variables: Mapping[str, Any], *, wh
         raise RuntimeError(f"no restorable checkpoint in {directory}: " + "; ".join(errors))
     finally:
         manager.close()
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live run holds the workdir."""
+
+
+class WorkdirLock:
+    """WORKDIR/lock: one run at a time writes a workdir (two would replace each other's checkpoints).
+
+    The file holds the owner's host, pid and start time. A lock whose owner is on this host and no longer runs
+    is stale (a crashed or killed run): it is taken over, with a log line. A live owner, or one on another host
+    (which this process cannot check), is a WorkdirLockedError naming it and the way out. Only process 0 of a
+    multi-host run takes the lock. Use as a context manager; the lock is released on exit.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "lock")
+        self.held = False
+
+    def _owner(self) -> Optional[dict]:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # half-written by a process that died while writing it: treated as stale below
+
+    def acquire(self) -> None:
+        if jax.process_index() != 0:
+            return
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:
+                    continue  # released between our open and our read: try again
+                if owner and (owner.get("host") != me["host"] or _pid_alive(int(owner.get("pid", -1)))):
+                    raise WorkdirLockedError(
+                        f"{os.path.dirname(self.path)} is in use by pid {owner.get('pid')} on host "
+                        f"{owner.get('host')} since {owner.get('since')} ({self.path}). Wait for that run, give "
+                        "this one another --workdir, or, if that process is gone, delete the lock file.")
+                log.warning("taking over the stale lock %s of a run that no longer runs (%s)", self.path,
+                            owner or "unreadable")
+                os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise WorkdirLockedError(f"could not take the lock {self.path}: other runs keep taking it")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "WorkdirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,7 +1,15 @@
 """Command line: train or evaluate one run from an ml_collections config file.
 
   python -m facekd_jax.main --config=configs/feature_kd.py --workdir=runs/fkd [--config.field=value ...]
+  python -m facekd_jax.main --config=configs/feature_kd.py:smoke --workdir=runs/fkd_smoke
   python -m facekd_jax.main --config=configs/feature_kd.py --workdir=runs/fkd --mode=eval
+
+Configs: FILE.py[:ARG], ARG = comma-separated variants (smoke: synthetic data, about a minute; tiny: the unit
+tests' size) and key=value parts, then any --config.FIELD=VALUE flags (facekd_jax/config_lib.py, README "Configs").
+
+Exit status: 0 done; 1 an error (its cause is the last line: a failed checkpoint save, a workdir in use by
+another run, a workdir trained with another config, a NaN loss); 75 (EX_TEMPFAIL) preempted by SIGTERM after
+saving a checkpoint: rerun the same command to resume.
 """
 import os
 import sys
@@ -13,6 +21,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a scheduler tells "preempted, resumable" from success (0) and failure (1)
 config_flags.DEFINE_config_file(
     "config", None, "An ml_collections config file, FILE.py[:ARG]; ARG is comma-separated variants (smoke, tiny) "
     "and key=value overrides (facekd_jax/config_lib.py). Fields can also be set with --config.FIELD=VALUE.",
@@ -34,11 +43,23 @@ def main(argv):
     xla_flags.apply_cpu_defaults(onednn=FLAGS.config.cpu_kernels != "xla")  # before JAX starts a backend
     from facekd_jax import train  # noqa: E402 (after TF is kept off the GPU)
 
+    from facekd_jax import checkpoint as ckpt_lib
+
     logging.info("config:\n%s", FLAGS.config)
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
-        train.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+    try:
+        if FLAGS.mode == "train":
+            out = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            if out.get("preempted"):
+                logging.warning("preempted at step %d: exit status %d (rerun the same command to resume)",
+                                out["step"], EXIT_PREEMPTED)
+                sys.exit(EXIT_PREEMPTED)
+        else:
+            train.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+    except (ckpt_lib.CheckpointSaveError, ckpt_lib.WorkdirLockedError, train.ConfigMismatchError,
+            train.NonFiniteLossError) as e:
+        # Expected failures: the cause is the last line, not buried in a traceback.
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
 
 
 def check_config_overrides(argv) -> None:

@@ -87,7 +87,8 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
     log = "".join(lines) + rest
-    assert proc.returncode == 0, log[-3000:]
+    from facekd_jax.main import EXIT_PREEMPTED
+    assert proc.returncode == EXIT_PREEMPTED, log[-3000:]  # a scheduler tells "preempted, resumable" from done
     assert elapsed < 30
     steps = _finished_steps(workdir)
     assert steps and 4 <= steps[-1] < 12 and steps[-1] % 100 != 0, (steps, log[-2000:])
@@ -161,3 +162,92 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
     assert out["step"] == 8 and out["nonfinite_steps"] == 1
     _, state = load_params(tmp_path / "skip")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+    # The skipped step still advanced optax's counters: the schedule (and the logged lr) follow state.step.
+    counts = [int(x) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) == 0 and np.issubdtype(x.dtype, np.integer)]
+    assert counts and all(c == 8 for c in counts), counts
+
+
+def _tree_files(root) -> dict:
+    root = pathlib.Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_changed_config_is_refused_before_anything_is_touched(tmp_path):
+    """A rerun with another architecture is not damage: it stops naming the field, and nothing moves."""
+    config = tiny_config("baseline_resnet56", num_train_steps=4, **{"data.val_targets": ()})
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    before = _tree_files(workdir)
+    changed = tiny_config("baseline_resnet56", num_train_steps=6, embedding_size=16, **{"data.val_targets": ()})
+    with pytest.raises(train.ConfigMismatchError, match=r"embedding_size: 32 -> 16") as e:
+        train.train_and_evaluate(changed, workdir)
+    assert "--config.embedding_size=32" in str(e.value) and "another --workdir" in str(e.value)
+    assert _tree_files(workdir) == before  # no checkpoint moved aside, config.json unchanged, no lock left
+    # Fields a resumed run may change (how long it trains) pass: the run continues from step 4.
+    longer = tiny_config("baseline_resnet56", num_train_steps=6, **{"data.val_targets": ()})
+    assert train.train_and_evaluate(longer, workdir)["step"] == 6
+
+
+def test_scrambled_checkpoint_bytes_are_damage(tmp_path, caplog):
+    """Bytes changed inside a checkpoint's array data are caught by the fingerprints written at save."""
+    config = tiny_config("baseline_resnet56")
+    mesh = train.make_mesh(1, devices=jax.devices()[:1])
+    state, abstract = _state_on(mesh, config)
+    ck = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=5, async_save=False)
+    ck.save(2, state.as_dict(), {"step": 2})
+    ck.save(4, state.replace(step=state.step + 4).as_dict(), {"step": 4})
+    ck.close()
+    data = max((p for p in (tmp_path / "checkpoints" / "4" / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(raw) // 2, 64, replace=False) + len(raw) // 4:  # same size, other bytes
+        raw[i] ^= 0x5A
+    data.write_bytes(bytes(raw))
+    ck = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=5)
+    with caplog.at_level("ERROR"):
+        restored, meta = ck.restore_latest(abstract.as_dict())
+    ck.close()
+    assert meta["step"] == 2 and "step 4" in caplog.text
+    assert any(p.name.startswith("corrupt-4") for p in (tmp_path / "checkpoints").iterdir())
+    # The fingerprint itself: one changed value in one leaf is named.
+    tree = {"a": np.arange(6, dtype=np.float32), "b": np.ones((2, 3), np.int32)}
+    meta = {ckpt_lib.FINGERPRINT: ckpt_lib.fingerprint(tree)}
+    ckpt_lib.check_fingerprint(tree, meta, "x")
+    with pytest.raises(ckpt_lib.DamagedCheckpointError, match=r"\['a'\]"):
+        ckpt_lib.check_fingerprint({"a": np.arange(6, dtype=np.float32)[::-1].copy(), "b": tree["b"]}, meta, "x")
+
+
+def test_workdir_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):
+    config = tiny_config("baseline_resnet56", num_train_steps=2, **{"data.val_targets": ()})
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        (workdir / "lock").write_text(
+            '{"host": "%s", "pid": %d, "since": "then"}' % (__import__("socket").gethostname(), owner.pid))
+        with pytest.raises(ckpt_lib.WorkdirLockedError, match=rf"pid {owner.pid}"):
+            train.train_and_evaluate(config, str(workdir))
+        assert not (workdir / "checkpoints").exists()  # refused before anything was written
+    finally:
+        owner.kill()
+        owner.wait()
+    # Its owner is gone: a stale lock (a crashed run) is taken over, and released when the run ends.
+    assert train.train_and_evaluate(config, str(workdir))["step"] == 2
+    assert not (workdir / "lock").exists()
+
+
+def test_failed_save_stops_the_run_with_its_cause(tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    def full_disk(self, step, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
+
+    config = tiny_config("baseline_resnet56", num_train_steps=6, checkpoint_every_steps=2,
+                         **{"data.val_targets": ()})
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"step 2 .*no space left on device") as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "rerun the same command to resume" in str(e.value)
