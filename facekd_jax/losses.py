@@ -35,7 +35,15 @@ __all__ = [
     "margin_logits",
     "rkd_angle",
     "rkd_distance",
-    "similarity_kd",
+    "cosine_matrix_kd",
+    "similarity_preserving",
+    "grouped_kd",
+    "ekd_loss",
+    "ekd_update",
+    "adadistill_loss",
+    "adadistill_update",
+    "init_kd_state",
+    "update_kd_state",
 ]
 
 # Floor of 1 - cos^2 under the square root: keeps sin and its gradient finite at cos = +-1. float32 values of
@@ -46,6 +54,8 @@ _SIN2_FLOOR = 1e-12
 _GRAM_PRECISION = jax.lax.Precision.HIGHEST
 # Floor of the squared norm in L2 normalisation (as torch.nn.functional.normalize's eps=1e-12 on the norm).
 _NORM2_FLOOR = 1e-24
+# log(0) as a finite number (see grouped_kd).
+_LOG_ZERO = -1e30
 
 
 def _f32(x) -> jax.Array:
@@ -324,19 +334,182 @@ def rkd_angle(student_embeddings: jax.Array, teacher_embeddings: jax.Array) -> j
     return jnp.mean(_smooth_l1(_triplet_cosines(student_embeddings) - _triplet_cosines(teacher_embeddings)))
 
 
-def similarity_kd(student_embeddings: jax.Array, teacher_embeddings: jax.Array) -> jax.Array:
-    """Similarity-matrix KD: mean over the B x B pairs of (S_s - S_t)^2, S = X_hat X_hat^T (cosines).
+def cosine_matrix_kd(student_embeddings: jax.Array, teacher_embeddings: jax.Array) -> jax.Array:
+    """Cosine-matrix KD: mean over the B x B pairs of (S_s - S_t)^2, S = X_hat X_hat^T (cosines of unit rows).
 
-    The building block of evaluation-oriented KD (Huang et al., CVPR 2022, "Evaluation-oriented Knowledge
-    Distillation for Deep Face Recognition"; cf. Tung & Mori 2019 similarity-preserving KD): the student keeps
-    the teacher's pairwise cosine structure of the batch, the quantity verification thresholds.
-    student_embeddings float [B, D_s], teacher_embeddings float [B, D_t] -> float32 scalar. Embeddings are
-    L2-normalised, so it is invariant to a positive rescaling of any row of either input.
+    The face variant of similarity-preserving KD in TFace (`ekd/distillation/similarity_perserving.py`: unit
+    embeddings, no row normalisation of S; there /B^2 of the summed squares, the same as this mean); Tung & Mori's
+    own loss is `similarity_preserving`. student_embeddings float [B, D_s], teacher_embeddings float [B, D_t] ->
+    float32 scalar; invariant to a positive rescaling of any row of either input.
     """
     s_hat, t_hat = l2_normalize(student_embeddings), l2_normalize(teacher_embeddings)
     s_sim = jnp.matmul(s_hat, s_hat.T, precision=_GRAM_PRECISION)
     t_sim = jnp.matmul(t_hat, t_hat.T, precision=_GRAM_PRECISION)
     return jnp.mean(jnp.square(s_sim - t_sim))
+
+
+def similarity_preserving(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019, eq. 2-4): G = Q Q^T of the flattened features Q [B, -1]
+    (not normalised), each row of G L2-normalised, loss = ||G_t - G_s||_F^2 / B^2.
+
+    The paper (and RepDistiller's distiller_zoo/SP.py, which its authors verified) compares activation maps before
+    pooling; with an embedding-only teacher (a cache) the features are the embeddings. Any trailing shape is
+    flattened. Invariant to one positive scale of all of either input (not per row: rows of G, not of Q, are
+    normalised). -> float32 scalar.
+    """
+    b = student_features.shape[0]
+    qs, qt = _f32(student_features).reshape(b, -1), _f32(teacher_features).reshape(b, -1)
+    gs = l2_normalize(jnp.matmul(qs, qs.T, precision=_GRAM_PRECISION))
+    gt = l2_normalize(jnp.matmul(qt, qt.T, precision=_GRAM_PRECISION))
+    return jnp.sum(jnp.square(gt - gs)) / (b * b)
+
+
+def grouped_kd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *,
+               temperature: float = 4.0, tau: float = 0.93, group_step: int = 100) -> tuple[jax.Array, jax.Array]:
+    """Grouped KD (Zhao et al., AAAI 2023): (binary KD, primary KD), each KL(teacher || student) summed, times
+    T^2 / B. The caller weighs them (the paper: 1 and 8; secondary KD has weight 0 and is not computed).
+
+    Grouping, as the authors' gkd_adaptive.py: P = the batch sum of the student's softmax (T = 1) per class,
+    sorted; k = the smallest of 1, 1 + group_step, 1 + 2 group_step, ... whose top-k mass of P reaches tau * B
+    (C if none); the primary group of sample i = its label and the k - 1 other classes of its highest student
+    logits (the label's logit set above all others before the top-k). Binary KD: the two-way distributions (mass in the primary group, mass
+    outside) at temperature T; primary KD: both softmaxes at T restricted to the primary group.
+    student_logits, teacher_logits float [B, C] (margin logits of each network's own head), labels int [B].
+    """
+    s, t = _f32(student_logits), jax.lax.stop_gradient(_f32(teacher_logits))
+    b, c = s.shape
+    label_mask = _label_mask(labels, c)
+    # The group size k from the student's batch confidence (no gradient through the grouping).
+    mass = jnp.sort(jnp.sum(jax.nn.softmax(jax.lax.stop_gradient(s), axis=-1), axis=0))[::-1]
+    cum = jnp.cumsum(mass)
+    candidates = jnp.arange(1, c + 1, group_step)
+    reached = cum[candidates - 1] >= tau * b
+    k = jnp.where(jnp.any(reached), candidates[jnp.argmax(reached)], c)
+    # Rank of each class in its row by the student's logits with the label put first (0 = highest): the group is
+    # the label and the k - 1 other classes the student scores highest.
+    order = jnp.argsort(-jnp.where(label_mask, jnp.inf, jax.lax.stop_gradient(s)), axis=-1)
+    rank = jnp.argsort(order, axis=-1)
+    primary = rank < k
+    log_ps, log_pt = jax.nn.log_softmax(s / temperature, axis=-1), jax.nn.log_softmax(t / temperature, axis=-1)
+
+    # Masked entries get a huge negative log instead of -inf: an empty group then has mass exp(-1e30) = 0 and
+    # every gradient stays finite (the authors subtract 1000 from masked logits for the same reason).
+    def group_mass(logp, mask):  # log of the probability mass inside / outside the group
+        return (jax.nn.logsumexp(jnp.where(mask, logp, _LOG_ZERO), axis=-1),
+                jax.nn.logsumexp(jnp.where(mask, _LOG_ZERO, logp), axis=-1))
+
+    (si, so), (ti, to) = group_mass(log_ps, primary), group_mass(log_pt, primary)
+
+    def kl_term(log_t, log_s):  # p_t (log p_t - log p_s)
+        return jnp.exp(log_t) * (log_t - log_s)
+
+    binary = jnp.sum(kl_term(ti, si) + kl_term(to, so))
+    # Within the group: log-softmax restricted to it = log p - log(group mass).
+    log_ps_p, log_pt_p = log_ps - si[:, None], log_pt - ti[:, None]
+    primary_kl = jnp.sum(jnp.where(primary, kl_term(log_pt_p, log_ps_p), 0.0))
+    scale = temperature * temperature / b
+    return binary * scale, primary_kl * scale
+
+
+# EKD's false-positive rates (1e-1 ... 1e-6) and its constants (TFace recognition/tasks/ekd/distillation/ekd.py).
+EKD_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def _upper_pairs(x: jax.Array, labels: jax.Array):
+    """Cosines of the unit rows of x for the pairs i < j: (values [P], same-label [P]), P = B(B-1)/2."""
+    b = x.shape[0]
+    x_hat = l2_normalize(x)
+    sim = jnp.matmul(x_hat, x_hat.T, precision=_GRAM_PRECISION)
+    i, j = jnp.triu_indices(b, k=1)
+    return sim[i, j], labels[i] == labels[j]
+
+
+def ekd_thresholds(similarities: jax.Array, negative: jax.Array) -> jax.Array:
+    """The similarity at each EKD_FPRS of the negative pairs: the sorted (descending) negatives at
+    floor(n_neg * fpr) (the hardest where that is 0). -> float32 [len(EKD_FPRS)]."""
+    n_neg = jnp.sum(negative)
+    ordered = jnp.sort(jnp.where(negative, similarities, -jnp.inf))[::-1]
+    index = jnp.floor(n_neg * jnp.asarray(EKD_FPRS, jnp.float32)).astype(jnp.int32)
+    return jnp.where(n_neg > 0, ordered[jnp.clip(index, 0, ordered.shape[0] - 1)], 0.0)
+
+
+def ekd_init(num_classes: int, teacher_size: int) -> dict:
+    """EKD's state: the EMA of each model's thresholds, starting at 0 (as the authors' buffers)."""
+    del num_classes, teacher_size
+    k = len(EKD_FPRS)
+    return {"student_anchors": jnp.zeros((k,), jnp.float32), "teacher_anchors": jnp.zeros((k,), jnp.float32)}
+
+
+def ekd_update(state: Mapping[str, jax.Array], student_embeddings, teacher_embeddings, labels, *,
+               momentum: float = 0.01) -> dict:
+    """anchors <- momentum * this batch's thresholds + (1 - momentum) * anchors, each model from its own negative
+    pairs (before the loss uses them, as the authors do). No gradient."""
+    s_sim, same = _upper_pairs(jax.lax.stop_gradient(_f32(student_embeddings)), labels)
+    t_sim, _ = _upper_pairs(jax.lax.stop_gradient(_f32(teacher_embeddings)), labels)
+    ema = lambda old, new: momentum * new + (1.0 - momentum) * old  # noqa: E731
+    return {"student_anchors": ema(state["student_anchors"], ekd_thresholds(s_sim, ~same)),
+            "teacher_anchors": ema(state["teacher_anchors"], ekd_thresholds(t_sim, ~same))}
+
+
+def ekd_rank(similarities: jax.Array, anchors: jax.Array, tau: float = 0.01) -> jax.Array:
+    """Soft count of the thresholds a pair passes: sum_a sigmoid((x - anchor_a) / tau), exponent within +-50."""
+    z = jnp.clip((similarities[:, None] - anchors[None, :]) / tau, -50.0, 50.0)
+    return jnp.sum(jax.nn.sigmoid(z), axis=-1)
+
+
+def ekd_loss(state: Mapping[str, jax.Array], student_embeddings, teacher_embeddings, labels, *,
+             tau: float = 0.01, hard_negatives: int = 2000, positive_weight: float = 0.02,
+             negative_weight: float = 0.01) -> jax.Array:
+    """Evaluation-oriented KD (Huang et al., CVPR 2022): the student's soft rank of each pair against its own
+    thresholds at EKD_FPRS matches the teacher's (against the teacher's). positive_weight * MSE over the positive
+    pairs + negative_weight * MSE over the `hard_negatives` negatives the student finds most similar (all of them
+    when there are fewer). A batch without positive pairs contributes 0 for them. -> float32 scalar."""
+    s_sim, same = _upper_pairs(student_embeddings, labels)
+    t_sim, _ = _upper_pairs(jax.lax.stop_gradient(_f32(teacher_embeddings)), labels)
+    diff2 = jnp.square(ekd_rank(s_sim, state["student_anchors"], tau) - ekd_rank(t_sim, state["teacher_anchors"], tau))
+    positive = jnp.sum(jnp.where(same, diff2, 0.0)) / jnp.maximum(jnp.sum(same), 1)
+    k = min(int(hard_negatives), s_sim.shape[0])
+    _, hardest = jax.lax.top_k(jnp.where(same, -jnp.inf, jax.lax.stop_gradient(s_sim)), k)
+    chosen = ~same[hardest]
+    negative = jnp.sum(jnp.where(chosen, diff2[hardest], 0.0)) / jnp.maximum(jnp.sum(chosen), 1)
+    return positive_weight * positive + negative_weight * negative
+
+
+def adadistill_init(num_classes: int, teacher_size: int) -> dict:
+    """AdaDistill's class centres [E_t, C] in the teacher's space, zero until a class is first seen (its first
+    update then makes it that sample's teacher embedding: the rate's lower clamp; the authors start from small
+    random values, with the same effect)."""
+    return {"centres": jnp.zeros((teacher_size, num_classes), jnp.float32)}
+
+
+def adadistill_update(state: Mapping[str, jax.Array], student_embeddings, teacher_embeddings, labels) -> dict:
+    """AdaDistill (Boutros et al., ECCV 2024) centre update, before the loss uses the centres (authors'
+    utils/losses.py, AdaptiveAArcFace, weighted rate): per sample, with unit s_i, t_i and the centre W_y before
+    the update, lambda_i = clamp(cos(W_y, t_i), 1e-6, 1), alpha_i = clamp(cos(s_i, t_i) lambda_i, 1e-6, 1),
+    W_y <- alpha_i W_y + (1 - alpha_i) t_i (not renormalised). Where a class occurs several times in a batch the
+    authors' indexed write keeps an arbitrary one; here the class gets the mean of its samples' updates. The
+    centres get no gradient. Returns the new state."""
+    centres = state["centres"]
+    s_hat = l2_normalize(jax.lax.stop_gradient(_f32(student_embeddings)))
+    t_hat = l2_normalize(jax.lax.stop_gradient(_f32(teacher_embeddings)))
+    onehot = _label_mask(labels, centres.shape[1]).astype(jnp.float32)                 # [B, C]
+    w_y = jnp.matmul(onehot, centres.T, precision=_GRAM_PRECISION)                       # [B, E], class-axis matmul
+    lam = jnp.clip(jnp.sum(l2_normalize(w_y) * t_hat, axis=-1), 1e-6, 1.0)
+    alpha = jnp.clip(jnp.clip(jnp.sum(s_hat * t_hat, axis=-1), -1.0, 1.0) * lam, 1e-6, 1.0)
+    updated = alpha[:, None] * w_y + (1.0 - alpha[:, None]) * t_hat                      # [B, E]
+    count = jnp.sum(onehot, axis=0)                                                       # [C]
+    summed = jnp.matmul(updated.T, onehot, precision=_GRAM_PRECISION)                     # [E, C]
+    return {"centres": jnp.where(count[None, :] > 0, summed / jnp.maximum(count, 1.0)[None, :], centres)}
+
+
+def adadistill_loss(state: Mapping[str, jax.Array], student_embeddings, labels, *, scale: float,
+                    margin_list: tuple[float, float, float]) -> jax.Array:
+    """CE of the margin logits (the run's margin: ArcFace's m2 or CosFace's m3) of the unit student embeddings
+    against the unit AdaDistill centres: the student's only classifier in the paper (kd.ce_weight 0)."""
+    m1, m2, m3 = margin_list
+    cos = jnp.matmul(l2_normalize(student_embeddings), l2_normalize(state["centres"], axis=0),
+                     precision=_GRAM_PRECISION)
+    return cross_entropy(margin_logits(_clip_unit(cos), labels, s=scale, m1=m1, m2=m2, m3=m3), labels)
 
 
 def adaptive_margin(
@@ -371,7 +544,11 @@ class KDMethod:
       (teacher embeddings against the teacher's class centres), "teacher_centres" (the centres themselves).
     options: its further config keys with their defaults; choices: the allowed values of string options.
     loss: (inputs dict, settings dict) -> float32 scalar. inputs: labels, student_embeddings,
-      student_cosine, logits (the student's CE logits), teacher_embeddings, teacher_cosine, scale, margin.
+      student_kd_embeddings, student_cosine, logits (the student's CE logits), teacher_embeddings,
+      teacher_cosine, scale, margin, kd_state (this method's state, for a stateful one).
+    init, update: a stateful method's state (carried in the train state, checkpointed, never differentiated):
+      init(num_classes, teacher_embedding_size) -> dict of arrays; update(state, inputs, settings) -> state, run
+      before the loss of the same step reads it.
     """
 
     name: str
@@ -381,6 +558,8 @@ class KDMethod:
     choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     loss: Callable[[dict, dict], jax.Array] | None = None
     switch_default: Any = 0.0
+    init: Callable[[int, int], dict] | None = None
+    update: Callable[[Mapping[str, jax.Array], dict, dict], dict] | None = None
 
     def active(self, settings: Mapping[str, Any]) -> bool:
         value = settings[self.switch]
@@ -397,12 +576,40 @@ def _hinton_term(x: dict, cfg: dict) -> jax.Array:
     return hinton_kd(s_logits, t_logits, float(cfg["temperature"]))
 
 
-def _pair_term(fn: Callable[..., jax.Array], **option_keys: str) -> Callable[[dict, dict], jax.Array]:
+def _pair_term(fn: Callable[..., jax.Array], student: str = "student_kd_embeddings",
+               **option_keys: str) -> Callable[[dict, dict], jax.Array]:
     """A loss of (student embeddings, teacher embeddings) with keyword options read from the settings."""
     def term(x: dict, cfg: dict) -> jax.Array:
-        return fn(x["student_kd_embeddings"], x["teacher_embeddings"],
-                  **{arg: cfg[key] for arg, key in option_keys.items()})
+        return fn(x[student], x["teacher_embeddings"], **{arg: cfg[key] for arg, key in option_keys.items()})
     return term
+
+
+def _grouped_term(x: dict, cfg: dict) -> jax.Array:
+    """Binary KD + grouped_primary_weight * primary KD, on both networks' margin logits (the authors' CosFace
+    heads carry the margin in both; here the run's margin)."""
+    m1, m2, m3 = x["margin"]
+    t_logits = margin_logits(x["teacher_cosine"], x["labels"], s=x["scale"], m1=m1, m2=m2, m3=m3)
+    binary, primary = grouped_kd(x["logits"], t_logits, x["labels"], temperature=float(cfg["grouped_temperature"]),
+                                 tau=float(cfg["grouped_tau"]), group_step=int(cfg["grouped_step"]))
+    return binary + float(cfg["grouped_primary_weight"]) * primary
+
+
+def _ekd_term(x: dict, cfg: dict) -> jax.Array:
+    return ekd_loss(x["kd_state"], x["student_kd_embeddings"], x["teacher_embeddings"], x["labels"],
+                    tau=float(cfg["ekd_tau"]), hard_negatives=int(cfg["ekd_hard_negatives"]))
+
+
+def _ekd_update(state, x: dict, cfg: dict) -> dict:
+    return ekd_update(state, x["student_kd_embeddings"], x["teacher_embeddings"], x["labels"])
+
+
+def _adadistill_term(x: dict, cfg: dict) -> jax.Array:
+    return adadistill_loss(x["kd_state"], x["student_kd_embeddings"], x["labels"], scale=x["scale"],
+                           margin_list=x["margin"])
+
+
+def _adadistill_update(state, x: dict, cfg: dict) -> dict:
+    return adadistill_update(state, x["student_kd_embeddings"], x["teacher_embeddings"], x["labels"])
 
 
 # Registry order is the order of the logged terms. A new method: one entry here and one config file.
@@ -413,7 +620,17 @@ KD_METHODS: tuple[KDMethod, ...] = (
              {"feature_kind": ("mse", "cosine")}, _pair_term(feature_kd, kind="feature_kind")),
     KDMethod("rkd_distance", "rkd_distance_weight", ("teacher_embeddings",), loss=_pair_term(rkd_distance)),
     KDMethod("rkd_angle", "rkd_angle_weight", ("teacher_embeddings",), loss=_pair_term(rkd_angle)),
-    KDMethod("similarity", "similarity_weight", ("teacher_embeddings",), loss=_pair_term(similarity_kd)),
+    KDMethod("cosine_matrix", "cosine_matrix_weight", ("teacher_embeddings",), loss=_pair_term(cosine_matrix_kd)),
+    # Tung & Mori's similarity-preserving KD: B x B Gram matrices, so the student needs no projection.
+    KDMethod("sp", "sp_weight", ("teacher_embeddings",),
+             loss=_pair_term(similarity_preserving, student="student_embeddings")),
+    KDMethod("grouped", "grouped_weight", ("teacher_cosine",),
+             {"grouped_temperature": 4.0, "grouped_tau": 0.93, "grouped_step": 100, "grouped_primary_weight": 8.0},
+             loss=_grouped_term),
+    KDMethod("ekd", "ekd_weight", ("teacher_embeddings",), {"ekd_tau": 0.01, "ekd_hard_negatives": 2000},
+             loss=_ekd_term, init=ekd_init, update=_ekd_update),
+    KDMethod("adadistill", "adadistill_weight", ("teacher_embeddings",), loss=_adadistill_term,
+             init=adadistill_init, update=_adadistill_update),
     # ProxylessKD: the student's CE runs on the teacher's frozen class centres (no loss of its own).
     KDMethod("teacher_centres", "teacher_centres", ("teacher_centres",), switch_default=False),
     # MarginDistillation: per-sample ArcFace margin from the teacher's cosine to its own centre.
@@ -470,6 +687,23 @@ def kd_needs(kd: Mapping[str, Any] | None) -> frozenset[str]:
     return frozenset(n for m in active_methods(kd) for n in m.needs)
 
 
+def init_kd_state(kd: Mapping[str, Any] | None, num_classes: int, teacher_embedding_size: int) -> dict | None:
+    """{method name: its initial state} of the active stateful methods; None when there are none."""
+    state = {m.name: m.init(num_classes, teacher_embedding_size) for m in active_methods(kd) if m.init is not None}
+    return state or None
+
+
+def update_kd_state(kd: Mapping[str, Any] | None, kd_state: Mapping[str, Any] | None, *, labels: jax.Array,
+                    student_kd_embeddings: jax.Array, teacher_embeddings: jax.Array) -> dict | None:
+    """Each active stateful method's state after this batch (no gradient flows into or out of it)."""
+    if not kd_state:
+        return kd_state
+    cfg = kd_settings(kd)
+    x = {"labels": labels, "student_kd_embeddings": jax.lax.stop_gradient(_f32(student_kd_embeddings)),
+         "teacher_embeddings": jax.lax.stop_gradient(_f32(teacher_embeddings))}
+    return {name: KD_METHOD_BY_NAME[name].update(state, x, cfg) for name, state in kd_state.items()}
+
+
 def compute_loss(
     kd: Mapping[str, Any] | None,
     *,
@@ -481,6 +715,7 @@ def compute_loss(
     scale: float = 64.0,
     margin_list: tuple[float, float, float] = (1.0, 0.5, 0.0),
     student_kd_embeddings: jax.Array | None = None,
+    kd_state: Mapping[str, Any] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss = kd.ce_weight * CE(margin logits) + sum of the active KD terms (KD_METHODS) times their weights.
 
@@ -495,11 +730,12 @@ def compute_loss(
       scale, margin_list: s and (m1, m2, m3) of `margin_logits`.
       student_kd_embeddings: what the embedding terms compare with the teacher's (the student's embedding
         through kd.projection's map where sizes differ); default student_embeddings.
+      kd_state: the stateful methods' states after this batch's update_kd_state ({name: state}).
 
     Terms (unweighted values, float32 scalars): "ce" (always), "total" (always), and one per active method
     with a loss: "hinton" (kd.hinton_logits "plain": conventional KD on s * cos of both; "margin": on the
     margin logits of both, the thesis's KD matched to the ArcFace objective), "feature", "rkd_distance",
-    "rkd_angle", "similarity". kd.adaptive_margin (MarginDistillation): the student's m2 becomes
+    "rkd_angle", "cosine_matrix", "sp", "grouped", "ekd", "adadistill". kd.adaptive_margin (MarginDistillation): the student's m2 becomes
     adaptive_margin(teacher_cosine, labels, m_min=kd.margin_min, m_max=kd.margin_max) instead of margin_list[1].
 
     Returns: (total float32 scalar, terms dict[str, float32 scalar]).
@@ -531,6 +767,11 @@ def compute_loss(
     for m in methods:
         if m.loss is None:
             continue
+        if m.init is not None:
+            if not kd_state or m.name not in kd_state:
+                raise ValueError(f"kd.{m.switch} is on but compute_loss got no kd_state[{m.name!r}] "
+                                 "(losses.init_kd_state, then update_kd_state each step)")
+            inputs["kd_state"] = kd_state[m.name]
         terms[m.name] = m.loss(inputs, cfg)
         total = total + float(cfg[m.switch]) * terms[m.name]
     terms["total"] = total

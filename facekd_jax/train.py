@@ -56,9 +56,12 @@ class TrainState:
     opt_state: PyTree
     rng: jax.Array
     nonfinite_steps: jax.Array
+    kd_state: Optional[PyTree] = None   # {method: state} of stateful KD methods (losses.init_kd_state), else None
 
     def as_dict(self) -> Dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        """The checkpointed dict (without kd_state when there is none: checkpoints of other runs stay readable)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__
+                if not (f == "kd_state" and self.kd_state is None)}
 
 
 # ----------------------------------------------------------------------------------------------- mesh
@@ -75,9 +78,14 @@ def make_mesh(model_parallelism: int = 1, devices=None) -> jax.sharding.Mesh:
 
 
 def _leaf_spec(path, leaf) -> P:
-    """Class centres [E, C] (and their optimiser slots) shard C over `model`; everything else is replicated."""
+    """Class centres [E, C] shard C over `model`: the margin head's (and their optimiser slots) and AdaDistill's
+    (kd_state); everything else is replicated, the backbone's own embedding layer too (its "head" submodule)."""
     keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    if "head" in keys and keys[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2:
+    if getattr(leaf, "ndim", 0) != 2:
+        return P()
+    if "head" in keys and "backbone" not in keys and keys[-1] == "kernel":
+        return P(None, "model")
+    if "kd_state" in keys and keys[-1] == "centres":
         return P(None, "model")
     return P()
 
@@ -238,7 +246,8 @@ def _state_init_fn(config, model: nn.Module, tx, num_classes: int) -> Callable[[
                                    projection_size(config))
         return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                           batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                          rng=k_state, nonfinite_steps=jnp.zeros((), jnp.int32))
+                          rng=k_state, nonfinite_steps=jnp.zeros((), jnp.int32),
+                          kd_state=losses.init_kd_state(config.kd, num_classes, int(config.teacher.embedding_size)))
     return init
 
 
@@ -303,26 +312,34 @@ def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx
             s_cos = head.apply({"params": t_vars["params"]["head"]}, kd_emb)
         else:
             s_cos = head.apply({"params": params["head"]}, emb)
+        kd_state = losses.update_kd_state(kd, state.kd_state, labels=labels, student_kd_embeddings=kd_emb,
+                                          teacher_embeddings=t_emb)
         total, terms = losses.compute_loss(
             kd, labels=labels, student_embeddings=emb, student_cosine=s_cos, teacher_embeddings=t_emb,
-            teacher_cosine=t_cos, scale=config.scale, margin_list=margin, student_kd_embeddings=kd_emb)
+            teacher_cosine=t_cos, scale=config.scale, margin_list=margin, student_kd_embeddings=kd_emb,
+            kd_state=kd_state)
         if debug_nan_step >= 0:  # test hook: poison one step's loss
             total = total * jnp.where(state.step == debug_nan_step, jnp.nan, 1.0)
             terms = dict(terms, total=total)
-        return total, (terms, new_model_state["batch_stats"])
+        return total, (terms, new_model_state["batch_stats"], kd_state)
 
     def train_step(state: TrainState, batch, teacher_variables):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
-        grads, (terms, new_bs) = jax.grad(loss_fn, has_aux=True)(
+        grads, (terms, new_bs, new_kd_state) = jax.grad(loss_fn, has_aux=True)(
             state.params, state, batch, teacher_variables, dropout_rng)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads["backbone"])
         finite = jnp.isfinite(terms["total"]) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        # A skipped step keeps the moments but still advances optax's step counters (its integer scalars), so the
+        # schedule stays at state.step: the lr logged below is the one the next applied update uses.
+        keep_opt = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) and n.ndim == 0 else jnp.where(finite, n, o),
+            new, old)
         new_state = state.replace(
             step=state.step + 1, params=keep(new_params, state.params), batch_stats=keep(new_bs, state.batch_stats),
-            opt_state=keep(new_opt, state.opt_state),
+            opt_state=keep_opt(new_opt, state.opt_state), kd_state=keep(new_kd_state, state.kd_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
         metrics = dict(terms, grad_norm=grad_norm, lr=schedule(state.step), finite=finite,
                        nonfinite_steps=new_state.nonfinite_steps)
@@ -530,11 +547,75 @@ def _format_metrics(metrics: Mapping[str, float]) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-    """Trains the configured student (with KD when configured); returns the final metrics and eval results."""
-    from clu import metric_writers  # imported here: tensorboard is slow to import
+    """Trains the configured student (with KD when configured); returns the final metrics and eval results.
 
+    The workdir is locked for the run (checkpoint.WorkdirLock); resuming a workdir whose config.json differs
+    from `config` stops before anything is touched (ConfigMismatchError, check_resumable)."""
     os.makedirs(workdir, exist_ok=True)
     init_distributed(config.distributed)
+    with ckpt_lib.WorkdirLock(workdir):
+        check_resumable(config, workdir)
+        return _train_and_evaluate(config, workdir)
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run trained with another config."""
+
+
+# Fields a resumed run may change: how long, how often, where it evaluates, how it runs. Every other field
+# (architecture, data, loss, optimiser, seed, batch) must equal the run's config.json to resume it.
+RESUME_FREE_FIELDS = ("num_train_steps", "num_epochs", "log_every_steps", "eval_every_steps", "eval_batch_size",
+                      "checkpoint_every_steps", "keep_checkpoints", "async_checkpoints", "best_metric",
+                      "data.val_targets", "data.root", "cpu_kernels", "mesh.", "distributed.", "debug_",
+                      "nonfinite")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(config: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """{field: (the run's value, the new value)} for the fields outside RESUME_FREE_FIELDS that differ."""
+    new, old = _flat(json.loads(config.to_json_best_effort())), _flat(saved)
+    free = lambda k: any(k == f or (f.endswith((".", "_")) and k.startswith(f)) for f in RESUME_FREE_FIELDS)
+    return {k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(new) | set(old))
+            if not free(k) and old.get(k, "<absent>") != new.get(k, "<absent>")}
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ConfigMismatchError, naming the fields, when `workdir` holds checkpoints of a run whose config.json
+    differs from `config` (a changed architecture would not restore; a changed loss or data would not be the
+    same run). Nothing in the workdir is read beyond config.json or changed."""
+    path = os.path.join(workdir, "config.json")
+    has_checkpoints = any(os.path.isdir(os.path.join(workdir, d)) and any(
+        n.isdigit() for n in os.listdir(os.path.join(workdir, d))) for d in ("checkpoints", "best"))
+    if not has_checkpoints or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigMismatchError(f"{path}: unreadable run config ({e}); the workdir holds checkpoints of a run "
+                                  "whose config cannot be compared: use another --workdir") from e
+    diff = config_differences(config, saved)
+    if diff:
+        shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(diff.items())[:8])
+        back = " ".join(f"--config.{k}={old!r}" for k, (old, _) in list(diff.items())[:8] if old != "<absent>")
+        raise ConfigMismatchError(
+            f"{workdir} holds a run trained with another config ({path}); {len(diff)} field(s) differ: {shown}"
+            f"{' ...' if len(diff) > 8 else ''}. Nothing was changed. To resume that run, use its values "
+            f"({back}); to train with the new config, give another --workdir.")
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    from clu import metric_writers  # imported here: tensorboard is slow to import
+
     mesh = make_mesh(config.mesh.model_parallelism)
     process_count, process_index = jax.process_count(), jax.process_index()
     if config.batch_size % mesh.shape["data"] or config.batch_size % process_count:
@@ -619,6 +700,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 pending = (step, metrics)
                 if step % config.log_every_steps == 0 or step == num_train_steps:
                     _check_finite(step, metrics, config)
+                    ckpt.check_for_errors()  # a failed background save stops the run here, with its cause
                     last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     dt = time.time() - t_log
                     ips = images_since / max(dt, 1e-9)

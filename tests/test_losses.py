@@ -429,14 +429,14 @@ def test_rkd_finite_gradient_with_duplicate_rows():
         assert np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0)
 
 
-def test_similarity_kd_matches_textbook():
+def test_cosine_matrix_kd_matches_textbook():
     s = np.asarray(jax.random.normal(jax.random.key(26), (9, 12)))
     t = np.asarray(jax.random.normal(jax.random.key(27), (9, 20)))
     ss, tt = np_unit(s) @ np_unit(s).T, np_unit(t) @ np_unit(t).T
-    rel_close(L.similarity_kd(s, t), np.mean((ss - tt) ** 2), rtol=1e-5)
-    assert float(L.similarity_kd(s, s)) < 1e-10
+    rel_close(L.cosine_matrix_kd(s, t), np.mean((ss - tt) ** 2), rtol=1e-5)
+    assert float(L.cosine_matrix_kd(s, s)) < 1e-10
     row_scales = np.linspace(0.1, 10, 9)[:, None]
-    rel_close(L.similarity_kd(s * row_scales, t * 3), np.mean((ss - tt) ** 2), rtol=1e-4)
+    rel_close(L.cosine_matrix_kd(s * row_scales, t * 3), np.mean((ss - tt) ** 2), rtol=1e-4)
 
 
 def test_adaptive_margin_formula_and_constant():
@@ -458,7 +458,7 @@ KD_FUNCS = {
     "feature_cosine": lambda a, b: L.feature_kd(a, b, "cosine"),
     "rkd_distance": L.rkd_distance,
     "rkd_angle": L.rkd_angle,
-    "similarity": L.similarity_kd,
+    "cosine_matrix": L.cosine_matrix_kd,
 }
 
 
@@ -508,22 +508,22 @@ def test_compute_loss_only_weighted_terms_and_weighted_sum():
     kd = ml_collections.ConfigDict(dict(
         ce_weight=0.5, hinton_weight=0.7, temperature=2.0, hinton_logits="plain",
         feature_weight=100.0, feature_kind="cosine", rkd_distance_weight=0.0, rkd_angle_weight=2.0,
-        similarity_weight=3.0))
+        cosine_matrix_weight=3.0))
     b["teacher_embeddings"] = b["teacher_embeddings"][:, :16]  # feature KD needs equal sizes
     total, terms = jax.jit(lambda x: L.compute_loss(kd, scale=32.0, **x))(b)
-    assert set(terms) == {"ce", "hinton", "feature", "rkd_angle", "similarity", "total"}
+    assert set(terms) == {"ce", "hinton", "feature", "rkd_angle", "cosine_matrix", "total"}
     y = b["labels"]
     ref = dict(
         ce=np_ce(np_arcface_logits(b["student_cosine"], y, s=32.0), y),
         hinton=np_hinton(32.0 * b["student_cosine"], 32.0 * b["teacher_cosine"], 2.0),
         feature=float(np.mean(1 - np.sum(np_unit(b["student_embeddings"]) * np_unit(b["teacher_embeddings"]), 1))),
         rkd_angle=np_rkd_angle(b["student_embeddings"], b["teacher_embeddings"]),
-        similarity=float(np.mean((np_unit(b["student_embeddings"]) @ np_unit(b["student_embeddings"]).T
+        cosine_matrix=float(np.mean((np_unit(b["student_embeddings"]) @ np_unit(b["student_embeddings"]).T
                                   - np_unit(b["teacher_embeddings"]) @ np_unit(b["teacher_embeddings"]).T) ** 2)),
     )
     for name, value in ref.items():
         rel_close(terms[name], value, rtol=1e-4)
-    weights = dict(ce=0.5, hinton=0.7, feature=100.0, rkd_angle=2.0, similarity=3.0)
+    weights = dict(ce=0.5, hinton=0.7, feature=100.0, rkd_angle=2.0, cosine_matrix=3.0)
     rel_close(total, sum(weights[k] * ref[k] for k in weights), rtol=1e-4)
     rel_close(terms["total"], total, rtol=0, atol=0)
 
@@ -563,7 +563,7 @@ def test_compute_loss_unknown_key_and_missing_teacher():
 def test_compute_loss_teacher_gradient_is_exactly_zero():
     batch = _batch(e_t=16)
     kd = dict(ce_weight=1.0, hinton_weight=1.0, hinton_logits="margin", feature_weight=100.0, rkd_distance_weight=1.0,
-              rkd_angle_weight=2.0, similarity_weight=1.0, adaptive_margin=True)
+              rkd_angle_weight=2.0, cosine_matrix_weight=1.0, adaptive_margin=True)
 
     def loss(s_emb, s_cos, t_emb, t_cos):
         return L.compute_loss(kd, labels=batch["labels"], student_embeddings=s_emb, student_cosine=s_cos,
