@@ -1,0 +1,76 @@
+"""Export (facekd_jax.export): each format and precision of a small trained student passes its parity gate and
+runs in its own runtime; a broken export fails the gate and leaves nothing behind; a missing extra names the
+install command."""
+import json
+
+import numpy as np
+import pytest
+
+from runs import tiny_config
+
+pytest.importorskip("onnxruntime", reason="the [export] extra is not installed (pip install -e '.[export]')")
+pytest.importorskip("ai_edge_litert", reason="the [export] extra is not installed (pip install -e '.[export]')")
+
+from facekd_jax import export, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, lfw_dir):
+    """A MobileFaceNet student (PReLU, depthwise convs, GDC head) trained 20 steps on LFW at 32x32."""
+    workdir = tmp_path_factory.mktemp("export") / "student"
+    config = tiny_config("baseline_resnet56", model="mobilefacenet", embedding_size=32, num_train_steps=20,
+                         **{"data.image_size": 32, "data.train": f"lfw:{lfw_dir}", "data.val_targets": ()})
+    train.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+def _export(run, lfw_dir, fmt, precision, out, **kwargs):
+    return export.export(str(run), fmt=fmt, precision=precision, out=str(out), calibration=f"lfw:{lfw_dir}",
+                         parity=f"lfw:{lfw_dir}", calibration_images=24, parity_images=24, log=lambda _: None,
+                         **kwargs)
+
+
+@pytest.mark.parametrize("fmt,precision", [("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8"),
+                                           ("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8")])
+def test_each_format_and_precision_passes_its_gate_and_runs(run, lfw_dir, tmp_path, fmt, precision):
+    out = tmp_path / f"student.{fmt}"
+    record = _export(run, lfw_dir, fmt, precision, out)
+    assert out.exists() and not (tmp_path / f"student.{fmt}.tmp").exists()
+    contract = json.loads((tmp_path / f"student.{fmt}.json").read_text())
+    assert contract["input"]["shape"] == [1, 32, 32, 3] and contract["input"]["colour"] == "RGB"
+    assert contract["output"]["shape"] == [1, 32] and contract["model"] == "mobilefacenet"
+    assert contract["parity"]["mean_cosine"] >= export.PARITY_GATES[precision] == contract["parity"]["gate"]
+    assert (contract["calibration"] is not None) == (precision == "int8")
+    # The file on its own, in its runtime, against JAX on images the gate did not use.
+    student = export.load_student(str(run))
+    pixels = np.random.default_rng(5).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    got = export.Runtime(str(out), fmt)(pixels)
+    want = export.jax_embeddings(student, pixels)
+    assert got.shape == want.shape == (4, 32)
+    assert export.cosines(got, want).min() > (0.99999 if precision == "fp32" else 0.9)
+    assert record["bytes"] == out.stat().st_size
+    if precision == "int8":  # really quantised: a quarter of the fp32 weights, or less
+        fp32 = _export(run, lfw_dir, fmt, "fp32", tmp_path / f"fp32.{fmt}")
+        assert record["bytes"] < 0.5 * fp32["bytes"]
+
+
+def test_a_broken_export_fails_the_gate_and_writes_nothing(run, lfw_dir, tmp_path):
+    out = tmp_path / "broken.tflite"
+    with pytest.raises(export.ExportError, match=r"parity gate: mean cosine to JAX .* nothing was written"):
+        _export(run, lfw_dir, "tflite", "fp32", out, scale=1.0)  # the wrong input normalisation (not scaled)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_extra_names_the_install_command(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def missing(name, *args):
+        if name == "tf2onnx":
+            raise ImportError("No module named 'tf2onnx'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(export.ExportError, match=r"\[export\]"):
+        export._require("tf2onnx")
