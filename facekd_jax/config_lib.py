@@ -58,8 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
     # The frozen teacher a KD run distils from: a finished run of configs/teacher_resnet18.py, or an imported
     # one (python -m facekd_jax.teachers import dlib). `cache`: a teacher-embedding cache
     # (python -m facekd_jax.teachers cache); with it the teacher never runs during training.
+    # `centre`: the KD terms see the teacher's unit embeddings minus their mean over the cache (and centres made
+    # from those): needed where a teacher's embeddings share one direction (dlib's); needs `cache`.
     c.teacher = ml_collections.ConfigDict(dict(model="", embedding_size=512, head="", workdir="",
-                                               checkpoint="latest", cache=""))
+                                               checkpoint="latest", cache="", centre=False))
     # Loss = ce_weight * ArcFace CE + the weighted KD terms; the keys and their meaning come from the registry
     # facekd_jax.losses.KD_METHODS (one entry per method).
     c.kd = ml_collections.ConfigDict(dict(KD_DEFAULTS))

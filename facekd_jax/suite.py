@@ -297,6 +297,7 @@ def run_teacher_suite(teacher_dir: str, workdir: str, *, train: str, label_free:
                     config.teacher.model, config.teacher.workdir = teacher.model, teacher_dir
                     config.teacher.embedding_size = teacher.embedding_size
                     config.teacher.cache = caches[role]
+                    config.teacher.centre = bool(PRESETS[preset_name].get("centre", False))
                     config.data.train = specs[role]
                     config.kd.projection = config.embedding_size != teacher.embedding_size
                 for key, value in extra.items():

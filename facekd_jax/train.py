@@ -304,6 +304,8 @@ def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx
         elif teacher is not None and _needs_teacher_embeddings(kd):
             t_emb = teacher.apply({"params": t_vars["params"]["backbone"], "batch_stats": t_vars["batch_stats"]},
                                   images, train=False)
+        if t_emb is not None and "embedding_mean" in t_vars:  # config.teacher.centre
+            t_emb = losses.l2_normalize(t_emb) - t_vars["embedding_mean"]
         if t_emb is not None and "teacher_cosine" in needs:
             t_cos = head.apply({"params": t_vars["params"]["head"]}, t_emb)
         # The student's embedding in the teacher's space: itself, or through the training-only projection.
@@ -427,17 +429,28 @@ def load_teacher(run: Setup, cache=None) -> Dict[str, PyTree]:
         return {}
     replicated = NamedSharding(mesh, P())
     want_head = _needs_teacher_head(config.kd)
+    if config.teacher.centre and not config.teacher.cache:
+        raise ValueError("config.teacher.centre=True takes the teacher's mean embedding from its cache: give "
+                         "--config.teacher.cache=DIR (python -m facekd_jax.teachers cache)")
     if config.teacher.cache:
-        if not want_head:
-            return {}
         if cache is None:
             from facekd_jax.teachers import cache as cache_lib
             cache = cache_lib.open_cache(config.teacher.cache)
-        centres = cache.centres()
-        if centres.shape[1] != run.num_classes:
-            raise ValueError(f"config.teacher.cache={config.teacher.cache}: centres for {centres.shape[1]} "
-                             f"identities, the training data has {run.num_classes}")
-        return {"params": {"head": {"kernel": jax.device_put(np.asarray(centres, np.float32), replicated)}}}
+        out: Dict[str, PyTree] = {}
+        mean = None
+        if config.teacher.centre:
+            mean = cache.mean()
+            log.info("teacher embeddings centred: |mean of unit embeddings| = %.3f (%s)", np.linalg.norm(mean),
+                     config.teacher.cache)
+            out["embedding_mean"] = jax.device_put(mean, replicated)
+        if want_head:
+            centres = cache.centres(mean)
+            if centres.shape[1] != run.num_classes:
+                raise ValueError(f"config.teacher.cache={config.teacher.cache}: centres for {centres.shape[1]} "
+                                 f"identities, the training data has {run.num_classes}")
+            out["params"] = {"head": {"kernel": jax.device_put(np.asarray(centres, np.float32),
+                                                               NamedSharding(mesh, P(None, "model")))}}
+        return out
     workdir = config.teacher.workdir
     if not workdir:
         raise ValueError("this config distils (config.kd has KD terms) but config.teacher.workdir is empty: "

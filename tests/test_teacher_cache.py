@@ -233,3 +233,41 @@ def test_train_loop_distils_from_the_cache_with_teacher_centres(built, tmp_path)
     cfg.data.train = "synthetic:6:5"  # other data than the cache was built for: refused before any step
     with pytest.raises(cache_lib.CacheMismatchError, match="another dataset"):
         train.train_and_evaluate(cfg, str(tmp_path / "other"))
+
+
+def test_centred_teacher_takes_the_cache_mean_out_of_targets_and_centres(built):
+    """teacher.centre: the KD terms see unit teacher embeddings minus their mean over the cache, and centres made
+    from those; the mean is that of every image and mirror."""
+    root, net, variables, cache = built
+    e = np.asarray(cache.embeddings, np.float64)
+    unit = e / np.linalg.norm(e, axis=-1, keepdims=True)
+    mean = unit.reshape(-1, unit.shape[-1]).mean(0)
+    np.testing.assert_allclose(cache.mean(), mean, rtol=1e-5, atol=1e-7)
+    labels = cache.labels()
+    expected = np.stack([(unit[labels == c] - mean).sum(axis=(0, 1)) for c in range(6)], axis=1)
+    expected /= np.linalg.norm(expected, axis=0, keepdims=True)
+    np.testing.assert_allclose(cache.centres(cache.mean()), expected, rtol=1e-4, atol=1e-6)
+    # One feature-KD step: the logged term is the loss against the centred targets.
+    cfg = tiny_config("feature_kd", **{"teacher.model": "resnet8", "teacher.cache": cache.directory,
+                                       "teacher.centre": True, "cpu_kernels": "xla"})
+    mesh = train.make_mesh(1, devices=jax.devices()[:1])
+    run = train.setup(cfg, num_classes=6, mesh=mesh)
+    tvars = train.load_teacher(run, cache)
+    np.testing.assert_allclose(np.asarray(tvars["embedding_mean"]), mean, rtol=1e-5, atol=1e-7)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (16, SIZE, SIZE, 3)).astype(np.float32)
+    t = np.asarray(cache.embeddings[rng.integers(0, 24, 16), 0])
+    state = run.init_state()
+    student_emb = run.student.apply({"params": state.params["backbone"], "batch_stats": state.batch_stats},
+                                    images, train=True, mutable=["batch_stats"])[0]
+    _, metrics = run.train_step(state, train.put_batch({"image": images, "label": rng.integers(0, 6, 16).astype(
+        np.int32), "teacher_embedding": t}, mesh), tvars)
+    t_unit = t / np.linalg.norm(t, axis=-1, keepdims=True)
+    from facekd_jax import losses
+    want = losses.feature_kd(student_emb, t_unit - mean, "mse")
+    np.testing.assert_allclose(float(metrics["feature"]), float(want), rtol=1e-4)
+    assert abs(float(losses.feature_kd(student_emb, t, "mse")) - float(want)) > 1e-4  # centring changed it
+    with pytest.raises(ValueError, match=r"teacher.centre=True .* --config.teacher.cache=DIR"):
+        cfg_live = tiny_config("feature_kd", **{"teacher.model": "resnet8", "teacher.centre": True,
+                                                "teacher.workdir": str(root / "teacher")})
+        train.load_teacher(train.setup(cfg_live, num_classes=6, mesh=mesh))

@@ -91,8 +91,24 @@ class TeacherCache:
     def labels(self) -> np.ndarray:
         return np.load(os.path.join(self.directory, LABELS))
 
-    def centres(self) -> np.ndarray:
-        """float32 [E, C]: class centres of the teacher, read from centres.npy (written when the cache completed)."""
+    def mean(self) -> np.ndarray:
+        """float32 [E]: the mean of the teacher's unit embeddings over every image and mirror of the cache.
+
+        A teacher whose embeddings share one direction (dlib's: the norm of this mean is 0.92 on LFW, so a constant
+        output has cosine 0.92 to every target) teaches little through unit-vector losses until the mean is taken
+        out: config.teacher.centre."""
+        total = np.zeros(self.embedding_size, np.float64)
+        for start in range(0, len(self.embeddings), _CHUNK):
+            e = np.asarray(self.embeddings[start:start + _CHUNK], np.float64)
+            total += (e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)).sum(axis=(0, 1))
+        return (total / (2 * len(self.embeddings))).astype(np.float32)
+
+    def centres(self, mean: Optional[np.ndarray] = None) -> np.ndarray:
+        """float32 [E, C]: class centres of the teacher, read from centres.npy (written when the cache completed);
+        with `mean` (config.teacher.centre), recomputed from the unit embeddings minus `mean`."""
+        if mean is not None:
+            return class_centres(self.embeddings, self.labels(), int(self.header["data"]["num_classes"]),
+                                 mean=mean)
         path = os.path.join(self.directory, CENTRES)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} missing: the cache is incomplete; run the cache command again to finish")
@@ -140,16 +156,24 @@ def open_cache(directory: str) -> TeacherCache:
     return TeacherCache(directory, header)
 
 
+_CHUNK = 65536  # rows per pass over a (memory-mapped) cache
+
+
 def class_centres(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
-                  valid: Optional[np.ndarray] = None) -> np.ndarray:
-    """float32 [E, C]: per identity, the L2-normalised mean of the L2-normalised embeddings of its images and
-    their mirrors. embeddings [N, 2, E], labels int [N], valid bool [N] (rows to use; default all)."""
-    e = np.asarray(embeddings, np.float64)
-    unit = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
-    per_image = unit.sum(axis=1)
+                  valid: Optional[np.ndarray] = None, mean: Optional[np.ndarray] = None) -> np.ndarray:
+    """float32 [E, C]: per identity, the L2-normalised mean of the L2-normalised embeddings (minus `mean`, when
+    given) of its images and their mirrors. embeddings [N, 2, E] (read in chunks), labels int [N], valid bool [N]
+    (rows to use; default all)."""
+    labels = np.asarray(labels)
     keep = np.ones(len(labels), bool) if valid is None else np.asarray(valid, bool)
-    sums = np.zeros((num_classes, e.shape[-1]))
-    np.add.at(sums, np.asarray(labels)[keep], per_image[keep])
+    sums = np.zeros((num_classes, embeddings.shape[-1]))
+    for start in range(0, len(labels), _CHUNK):
+        e = np.asarray(embeddings[start:start + _CHUNK], np.float64)
+        unit = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+        if mean is not None:
+            unit = unit - np.asarray(mean, np.float64)
+        rows = keep[start:start + _CHUNK]
+        np.add.at(sums, labels[start:start + _CHUNK][rows], unit.sum(axis=1)[rows])
     centres = sums / np.maximum(np.linalg.norm(sums, axis=-1, keepdims=True), 1e-12)
     return centres.T.astype(np.float32)
 
@@ -275,4 +299,9 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
     del emb, done
     log.info("teacher cache %s complete: %d images x 2 flips x %d dims, centres of %d identities", out, n, e,
              source.num_classes)
-    return open_cache(out)
+    cache = open_cache(out)
+    common = float(np.linalg.norm(cache.mean()))
+    if common > 0.5:
+        log.warning("teacher cache %s: the teacher's unit embeddings share one direction (|mean| %.2f; a constant "
+                    "has cosine %.2f to them): distil with --config.teacher.centre=True", out, common, common)
+    return cache
