@@ -74,9 +74,11 @@ DISTILL_RUNS = [
 ]
 LABEL_FREE = "label_free_kd"
 DLIB_BASELINE = "baseline"
+# 48x48, 250 steps: chosen on pairsDevTrain (README): at 48x48 MobileFaceNet trains 1.7x as fast as at 64x64, so
+# 39 runs (13 per seed) fit 90 minutes at 250 steps; the teacher is centred (dlib's embeddings share a direction).
 PRESETS["lfw_dlib"] = dict(
-    train="lfw:{dir}", val=["lfw:{dir}"], students=("mobilefacenet",), image_size=64, embedding_size=128,
-    batch_size=64, steps=150, lr=0.1, scale=32.0, eval_batch_size=250, seeds=3)
+    train="lfw:{dir}", val=["lfw:{dir}"], students=("mobilefacenet",), image_size=48, embedding_size=128,
+    batch_size=64, steps=250, lr=0.1, scale=32.0, eval_batch_size=250, seeds=3, centre=True)
 
 
 def suite_config(config_module: str, *, data: str, workdir: str, steps: Optional[int], overrides: Dict[str, Any],

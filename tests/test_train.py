@@ -72,6 +72,19 @@ def test_stateful_kd_methods_shard_and_checkpoint_their_state(module, tmp_path):
     assert train.train_and_evaluate(config, str(tmp_path / "student"))["step"] == 6
 
 
+def test_class_parallel_mesh_shards_only_the_class_centres():
+    """On data x model, only the margin head's classes shard: the backbone's own embedding layer stays replicated,
+    so an embedding width not divisible by the model axis (33 on 2) builds and steps."""
+    config = tiny_config("baseline_resnet56", embedding_size=33, **{"cpu_kernels": "xla"})
+    mesh = train.make_mesh(2)
+    state, step, tvars = train_setup(config, mesh)
+    specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    sharded = sorted(k for k, spec in specs.items() if spec != jax.sharding.PartitionSpec())
+    assert sharded == ["['head']['kernel']"], sharded
+    state, metrics = step(state, train.put_batch(synthetic_batches(config, 1)[0], mesh), tvars)
+    assert bool(metrics["finite"])
+
+
 def test_loss_falls_on_synthetic_data():
     config = tiny_config("baseline_resnet56", **{"optimizer.lr": 0.1, "batch_size": 32})
     mesh = train.make_mesh(1)
