@@ -1,10 +1,11 @@
 """One line per event at INFO: the libraries underneath (Orbax logs about ten lines per checkpoint, JAX its
-compilation cache) keep only their warnings and errors on a handler this filter is attached to."""
+compilation cache, clu's metric writer a second copy of every progress line: the scalars still go to TensorBoard)
+keep only their warnings and errors on a handler this filter is attached to."""
 from __future__ import annotations
 
 import logging
 
-QUIET_PATHS = ("/orbax/", "/jax/_src/")
+QUIET_PATHS = ("/orbax/", "/jax/_src/", "/clu/metric_writers/")
 
 
 class LibraryChatter(logging.Filter):

@@ -166,6 +166,8 @@ def test_main_trains_teacher_then_distils_then_evaluates(tmp_path):
     # its warnings stay.
     info = [line for line in log.splitlines() if line.startswith("I")]
     assert info and not any("checkpoint_manager.py" in line or "async_checkpointer.py" in line for line in info)
+    progress = [line for line in info if "step 2/" in line or "[2] " in line]  # each progress line once
+    assert len(progress) == 1, progress
     assert (student_dir / "config.json").exists()
     assert list((student_dir).glob("events.out.tfevents*")), "no TensorBoard events written"
     results = json.loads((student_dir / "eval" / "results.json").read_text())
