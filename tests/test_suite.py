@@ -92,8 +92,15 @@ def test_teacher_suite_at_toy_size_aggregates_seeds_and_has_the_label_free_row(t
     assert (tmp_path / "w" / "roc_resnet8.png").stat().st_size > 1000
     assert "| label_free_kd |" in (tmp_path / "w" / "summary.md").read_text()
     assert summaries["resnet8"]["pairs"] == 40
-    # A changed field is not a finished run: --lr retrains, the same config reuses.
+    # A changed field is not a finished run: --lr on the same workdir stops naming the field, the old run intact;
+    # the same config reuses.
+    from facekd_jax import train
+    before = (tmp_path / "w" / "resnet8" / "seed0" / "baseline" / "suite_run.json").read_text()
+    with pytest.raises(train.ConfigMismatchError, match=r"optimizer.lr: 0.1 -> 0.01"):
+        suite.run_teacher_suite(str(tmp_path / "teacher"), str(tmp_path / "w"), log=lambda *_: None,
+                                only=["baseline"], **dict(kwargs, overrides=dict(toy, lr=0.01)))
+    assert (tmp_path / "w" / "resnet8" / "seed0" / "baseline" / "suite_run.json").read_text() == before
     logs = []
-    suite.run_teacher_suite(str(tmp_path / "teacher"), str(tmp_path / "w"), log=logs.append,
-                            only=["baseline"], **dict(kwargs, overrides=dict(toy, lr=0.01)))
-    assert not any("reused" in line for line in logs) and any("baseline" in line for line in logs)
+    suite.run_teacher_suite(str(tmp_path / "teacher"), str(tmp_path / "w"), log=logs.append, only=["baseline"],
+                            **kwargs)
+    assert any("reused" in line for line in logs)
