@@ -13,7 +13,8 @@ teacher embeddings as the only target).
 Writes DIR/summary.json, DIR/summary.md (the table, McNemar p-values against the ArcFace-only baseline) and
 DIR/roc*.png. Each model is an ordinary run in DIR/... (a config from configs/ with the suite's data and
 budget), so a rerun resumes unfinished runs and reuses finished ones whose whole config is unchanged; a changed
-setting (--lr, --steps, ...) on the same --workdir stops naming the field (give another --workdir).
+setting (--lr, --image_size, ...) on the same --workdir stops naming the field (give another --workdir); a larger
+--steps continues the finished runs from their last checkpoint.
 """
 from __future__ import annotations
 
