@@ -5,7 +5,7 @@
   python -m facekd_jax.main --config=configs/feature_kd.py --workdir=runs/fkd --mode=eval
 
 Configs: FILE.py[:ARG], ARG = comma-separated variants (smoke: synthetic data, about a minute; tiny: the unit
-tests' size) and key=value parts, then any --config.FIELD=VALUE flags (facekd_jax/config_lib.py, README "Configs").
+tests' size) and key=value parts, then any --config.FIELD=VALUE flags (facekd_jax/config_lib.py; README, "Train, distil, evaluate").
 
 Exit status: 0 done; 1 an error (its cause is the last line: a failed checkpoint save, a workdir in use by
 another run, a workdir trained with another config, a NaN loss); 75 (EX_TEMPFAIL) preempted by SIGTERM after

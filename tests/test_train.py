@@ -196,6 +196,10 @@ def test_unknown_config_key_and_missing_teacher_are_clear_errors(tmp_path):
     proc = run_main("configs/feature_kd.py:smoke", tmp_path / "s", {"teacher.workdir": str(tmp_path / "none")},
                     check=False)
     assert proc.returncode != 0 and "teacher.workdir" in proc.stderr and str(tmp_path / "none") in proc.stderr
+    # --help says how configs, variants and overrides work, and what the exit status means.
+    proc = subprocess.run([sys.executable, "-m", "facekd_jax.main", "--help"], cwd=tmp_path, env=subprocess_env(1),
+                          capture_output=True, text=True, timeout=120)
+    assert "FILE.py[:ARG]" in proc.stdout and "key=value" in proc.stdout and "75 (EX_TEMPFAIL)" in proc.stdout
 
 
 def test_missing_real_data_path_says_how_to_get_it(tmp_path):
