@@ -422,3 +422,45 @@ def test_interpreter_exits_with_a_live_python_calling_pipeline(people):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def corrupt_body_jpeg():
+    """A JPEG with its start and end markers intact and garbage in its entropy-coded body: TensorFlow's fast
+    decoder accepts the header, then fails ("Unsupported marker type")."""
+    rng = np.random.default_rng(0)
+    data = bytearray(encode(rng.uniform(0, 255, (64, 64, 3)).astype(np.uint8), "JPEG"))
+    for i in rng.integers(700, len(data) - 10, 200):
+        data[i] = int(rng.integers(0, 256))
+    return bytes(data)
+
+
+def test_images_tensorflow_cannot_decode_are_skipped_named_once_and_never_hang(tmp_path):
+    """A corrupt-body JPEG and a truncated PNG (headers intact) in a folder: every batch is full, each bad file is
+    named once over several epochs, and training through main finishes (no hang at exit)."""
+    root = tmp_path / "faces"
+    for person, colour in (("ann", COLOURS[0]), ("bob", COLOURS[1])):
+        (root / person).mkdir(parents=True)
+        for k in range(4):
+            (root / person / f"{person}{k}.png").write_bytes(encode(solid(colour), "PNG"))
+    (root / "ann" / "ann_bad.jpg").write_bytes(corrupt_body_jpeg())
+    png = encode(solid(COLOURS[1], 64, 64) + np.arange(64, dtype=np.uint8)[:, None, None], "PNG")
+    (root / "bob" / "bob_bad.png").write_bytes(png[: len(png) // 2])
+    with pytest.raises(tf.errors.OpError):  # really undecodable by TensorFlow, headers intact
+        tf.io.decode_image(corrupt_body_jpeg(), channels=3)
+    before = len(images_lib.CORRUPT.names)
+    batches, info = make_train_dataset(f"folder:{root}", batch_size=4, image_size=SIZE, augment=False,
+                                       **ONE_PROCESS)
+    assert info["num_images"] == 10
+    for batch in take(batches, 10):  # 40 examples: 4 epochs
+        assert batch["image"].shape == (4, SIZE, SIZE, 3)
+        for img, label in zip(mean_colours(batch), batch["label"]):
+            np.testing.assert_allclose(img, COLOURS[int(label)], atol=3)  # never a bad file's pixels
+    batches.close()
+    named = images_lib.CORRUPT.names[before:]
+    assert sorted(named) == sorted([str(root / "ann" / "ann_bad.jpg"), str(root / "bob" / "bob_bad.png")]), named
+    # The same data through the command line: it trains, evaluates and exits (bounded by the timeout).
+    from runs import run_main
+    proc = run_main("configs/baseline_resnet56.py", tmp_path / "run",
+                    {"data.train": f"folder:{root}", "batch_size": 4, "data.val_targets": "('synthetic:20',)",
+                     "eval_batch_size": 20, "num_train_steps": 8}, timeout=240)
+    assert "ann_bad.jpg" in proc.stderr and "bob_bad.png" in proc.stderr

@@ -11,7 +11,10 @@ exactly the batches k, k+1, ... of an uninterrupted run, without reading or deco
 
 Corrupt images (indexed sources). A file that cannot be decoded is logged by name, counted
 (images.CORRUPT, see `corrupt_skipped()`), and replaced by the next example in index order that decodes
-(index+1, index+2, ... mod N, at most MAX_REPLACEMENTS tries), with that example's label. The replacement
+(index+1, index+2, ... mod N, at most MAX_REPLACEMENTS tries), with that example's label. A file whose header
+TensorFlow's fast decoders accept but whose body they cannot decode (a JPEG with a corrupt body, a truncated PNG)
+fails the pipeline instead; `Batches` then finds it among the next batches' images, names it once and restarts
+the pipeline at the same step with it marked as corrupt. The replacement
 depends only on the index, so batches keep their size and exact resume still holds. (Only when
 MAX_REPLACEMENTS consecutive images are all corrupt is the example dropped, which shifts later batches.)
 
@@ -62,18 +65,48 @@ class Batches:
     that will never be released again.
     """
 
-    def __init__(self, dataset: tf.data.Dataset):
+    def __init__(self, dataset: tf.data.Dataset, *, rebuild=None, find_undecodable=None, start_step: int = 0):
         self.dataset = dataset
         self._it = dataset.as_numpy_iterator()
+        self._rebuild, self._find = rebuild, find_undecodable
+        self.step = start_step             # the step of the next batch
+        self.skipped: set = set()          # example indices that TensorFlow's decoders failed on
         _LIVE.add(self)
 
     def __iter__(self) -> "Batches":
         return self
 
     def __next__(self) -> Dict[str, np.ndarray]:
-        if self._it is None:
-            raise StopIteration
-        return next(self._it)
+        while True:
+            if self._it is None:
+                raise StopIteration
+            try:
+                batch = next(self._it)
+            except tf.errors.OpError as e:
+                self._recover(e)
+                continue
+            self.step += 1
+            return batch
+
+    def _recover(self, error: tf.errors.OpError) -> None:
+        """An image TensorFlow's fast decoders accepted the header of but could not decode (a JPEG with a corrupt
+        body, a truncated PNG) stopped the pipeline: find it among the images of the next few batches, log and
+        count it once, and restart the pipeline at this step with it skipped like any corrupt image (replaced by
+        the next example in index order, so batches and exact resume are unchanged)."""
+        bad = self._find(self.step) if self._find is not None else {}
+        bad = {i: name for i, name in bad.items() if i not in self.skipped}
+        if not bad:
+            raise RuntimeError(f"the input pipeline failed at step {self.step} and no undecodable image was found "
+                               f"among the next batches' images: {type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:300]}") from error
+        for index, name in sorted(bad.items()):
+            images_lib.CORRUPT.add(name)
+            log.warning("skipping corrupt image (%d so far): %s: TensorFlow's decoder failed on its bytes (example "
+                        "%d; skipped from now on, not named again)", images_lib.CORRUPT.count, name, index)
+        self.skipped.update(bad)
+        self._it = None
+        self.dataset = self._rebuild(self.step, frozenset(self.skipped))
+        self._it = self.dataset.as_numpy_iterator()
 
     def close(self) -> None:
         self._it = None
@@ -166,13 +199,18 @@ def _finish(images: tf.Tensor, labels: tf.Tensor, flips: tf.Tensor, augment: boo
 
 
 def _decode_with_replacement(src: sources_lib.IndexedSource, index: tf.Tensor, encoded: tf.Tensor,
-                             image_size: int, labels_t: tf.Tensor):
-    """Decode example `index`; if corrupt, try index+1, index+2, ... (mod N).
+                             image_size: int, labels_t: tf.Tensor, skip_t: Optional[tf.Tensor] = None):
+    """Decode example `index`; if corrupt (or marked in `skip_t`, bool [N]), try index+1, index+2, ... (mod N).
     -> (uint8 [S,S,3], label, ok, the index of the example decoded)."""
     n = src.num_images
 
     def attempt(j, data):
-        return images_lib.decode_image_tf(data, image_size=image_size, crop=src.crop, name=src.name(j))
+        def decode():
+            return images_lib.decode_image_tf(data, image_size=image_size, crop=src.crop, name=src.name(j))
+        if skip_t is None:
+            return decode()
+        return tf.cond(tf.gather(skip_t, j),
+                       lambda: (tf.zeros((image_size, image_size, 3), tf.uint8), tf.constant(False)), decode)
 
     image, ok = attempt(index, encoded)
 
@@ -188,10 +226,43 @@ def _decode_with_replacement(src: sources_lib.IndexedSource, index: tf.Tensor, e
     return image, tf.gather(labels_t, j), ok, j
 
 
+def _step_indices(src: sources_lib.IndexedSource, step: int, *, batch_size: int, seed: int, process_index: int,
+                  process_count: int) -> np.ndarray:
+    """The example indices of this process's share of global batch `step` (before any replacement)."""
+    positions = step * batch_size * process_count + process_index * batch_size + np.arange(batch_size)
+    return _example_indices(seed, tf.constant(positions, tf.int64), src.num_images).numpy()
+
+
+def find_undecodable(src: sources_lib.IndexedSource, indices, *, image_size: int) -> Dict[int, str]:
+    """{index: name} of the examples among `indices` (and the replacements the pipeline would try after them)
+    whose bytes TensorFlow's decoders reject, found by decoding each eagerly."""
+    bad: Dict[int, str] = {}
+    for index in sorted({int(i) for i in indices}):
+        for j in ((index + k) % src.num_images for k in range(MAX_REPLACEMENTS)):
+            if j in bad:
+                continue
+            j_t = tf.constant(j, tf.int64)
+            encoded = src.read(tf.reshape(j_t, (1,)))[0] if src.read_batched else src.read(j_t)
+            try:
+                _, ok = images_lib.decode_image_tf(encoded, image_size=image_size, crop=src.crop,
+                                                   name=src.name(j_t))
+            except tf.errors.OpError:
+                bad[j] = bytes(src.name(j_t).numpy()).decode("utf-8", "replace")
+                continue
+            if bool(ok):
+                break  # the pipeline uses this one; later replacements are never read
+    return bad
+
+
 def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_size: int, seed: int,
                      start_step: int, augment: bool, process_index: int, process_count: int,
-                     teacher=None) -> tf.data.Dataset:
+                     teacher=None, skip: frozenset = frozenset()) -> tf.data.Dataset:
     n = src.num_images
+    skip_t = None
+    if skip:
+        mask = np.zeros(n, bool)
+        mask[sorted(skip)] = True
+        skip_t = tf.constant(mask)
     global_batch = batch_size * process_count
     labels_t = tf.constant(src.labels, tf.int32)
     offsets = tf.range(batch_size, dtype=tf.int64) + process_index * batch_size
@@ -215,7 +286,7 @@ def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_s
     def load(index, flip, encoded):
         if not src.read_batched:
             encoded = src.read(index)
-        image, label, ok, used = _decode_with_replacement(src, index, encoded, image_size, labels_t)
+        image, label, ok, used = _decode_with_replacement(src, index, encoded, image_size, labels_t, skip_t)
         return image, label, flip, ok, used
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -285,16 +356,27 @@ def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, see
                                  f"{tuple(teacher_embeddings.shape)} for {src.num_images} examples; expected "
                                  f"({src.num_images}, 2, E)")
             teacher = _teacher_gather(teacher_embeddings, augment)
-        ds = _indexed_dataset(src, teacher=teacher, **kwargs)
+
+        def build(start: int, skip: frozenset) -> tf.data.Dataset:
+            ds = _indexed_dataset(src, teacher=teacher, skip=skip, **dict(kwargs, start_step=start))
+            return ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
+
+        def find(step: int) -> Dict[int, str]:  # this batch and those prefetched behind it
+            window = [_step_indices(src, t, batch_size=batch_size, seed=seed, process_index=process_index,
+                                    process_count=process_count) for t in range(step, step + PREFETCH_BATCHES + 3)]
+            return find_undecodable(src, np.concatenate(window), image_size=image_size)
+
+        batches = Batches(build(start_step, frozenset()), rebuild=build, find_undecodable=find,
+                          start_step=start_step)
     else:
         if teacher_embeddings is not None:
             raise ValueError(f"make_train_dataset({spec!r}): cached teacher embeddings need an indexed source "
                              "(synthetic, folder, lfw, recordio); a streaming source has no stable example index")
         ds = _stream_dataset(src, shuffle_buffer=shuffle_buffer, **kwargs)
-    ds = ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
+        batches = Batches(ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options()), start_step=start_step)
     global_batch = batch_size * process_count
     info = dict(num_classes=int(src.num_classes), num_images=int(src.num_images), source=src.description,
                 synthetic=bool(src.synthetic), spec=spec, image_size=int(image_size), batch_size=int(batch_size),
                 global_batch_size=global_batch, steps_per_epoch=max(1, math.floor(src.num_images / global_batch)),
                 process_index=process_index, process_count=process_count)
-    return Batches(ds), info
+    return batches, info
