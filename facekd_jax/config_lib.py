@@ -7,7 +7,7 @@ applied left to right after the experiment's own settings:
 
   --config=configs/feature_kd.py                    the experiment as written
   --config=configs/feature_kd.py:smoke              the same on synthetic data at toy size (about a minute)
-  --config=configs/feature_kd.py:lfw,seed=1         LFW View 1 preset, seed 1
+  --config=configs/feature_kd.py:smoke,seed=1       the same, seed 1
   --config=configs/feature_kd.py:smoke,model=resnet20,batch_size=32
 
 Values are Python literals where they parse as one (numbers, tuples, True), else strings.
