@@ -200,17 +200,23 @@ class MarginHead(nn.Module):
     over a "model" mesh axis (PartitionSpec(None, "model")) needs no gather: the cosine comes out sharded on C.
     Feed it to `margin_logits`. `precision` is the matmul precision (None: the backend's float32 default,
     which is TF32 on recent GPUs and bf16 passes on TPU, like arcface_torch's fp16 head; "highest" for exact).
+    `padded_classes` (> num_classes): W gets that many columns, so that its class axis splits evenly over the
+    "model" axis (jit needs even shards; PartialFC splits unevenly); the extra columns are never read: the
+    cosine returned is the first num_classes columns, so no loss, softmax or gradient sees them.
     """
 
     num_classes: int
     kernel_init: Any = nn.initializers.normal(stddev=0.01)
     precision: Any = None
+    padded_classes: int = 0
 
     @nn.compact
     def __call__(self, embeddings: jax.Array) -> jax.Array:
         embeddings = _f32(embeddings)
-        kernel = self.param("kernel", self.kernel_init, (embeddings.shape[-1], self.num_classes), jnp.float32)
-        return jnp.matmul(l2_normalize(embeddings, axis=-1), l2_normalize(kernel, axis=0), precision=self.precision)
+        columns = max(self.num_classes, self.padded_classes)
+        kernel = self.param("kernel", self.kernel_init, (embeddings.shape[-1], columns), jnp.float32)
+        cos = jnp.matmul(l2_normalize(embeddings, axis=-1), l2_normalize(kernel, axis=0), precision=self.precision)
+        return cos[..., :self.num_classes] if columns > self.num_classes else cos
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -56,7 +56,7 @@ def main(argv):
         else:
             train.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
     except (ckpt_lib.CheckpointSaveError, ckpt_lib.WorkdirLockedError, train.ConfigMismatchError,
-            train.NonFiniteLossError) as e:
+            train.NonFiniteLossError, train.NonLocalPathError) as e:
         # Expected failures: the cause is the last line, not buried in a traceback.
         logging.error("%s", e)
         sys.exit(f"error: {e}")

@@ -91,7 +91,21 @@ def _leaf_spec(path, leaf) -> P:
 
 
 def tree_shardings(tree: PyTree, mesh) -> PyTree:
-    return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, _leaf_spec(p, x)), tree)
+    """NamedShardings by _leaf_spec; a kd_state centre matrix whose class count does not divide the `model` axis
+    is replicated (the margin head's never needs to be: its columns are padded, head_classes)."""
+    def sharding(path, leaf):
+        spec = _leaf_spec(path, leaf)
+        if spec != P() and leaf.shape[1] % int(mesh.shape["model"]):
+            spec = P()
+        return NamedSharding(mesh, spec)
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def head_classes(num_classes: int, model_parallelism: int) -> int:
+    """The margin head's column count: num_classes rounded up to a multiple of the `model` axis, so any class count
+    shards (CASIA's 10,572 over 8: 10,576 columns, 4 never read; see losses.MarginHead)."""
+    m = max(int(model_parallelism), 1)
+    return -(-int(num_classes) // m) * m
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -201,16 +215,18 @@ def make_optimizer(config, num_train_steps: int) -> Tuple[optax.GradientTransfor
 
 
 def init_variables(model: nn.Module, num_classes: Optional[int], image_size: int, rng,
-                   embedding_size: int, projection_size: int = 0) -> Dict[str, PyTree]:
+                   embedding_size: int, projection_size: int = 0, padded_classes: int = 0) -> Dict[str, PyTree]:
     """{"params": {"backbone", "head"[, "projection"]}, "batch_stats"} for a model, (when num_classes) its margin
-    head and (when projection_size) the training-only linear map of its embedding into the teacher's space."""
+    head (padded_classes columns where larger: head_classes) and (when projection_size) the training-only linear
+    map of its embedding into the teacher's space."""
     k_model, k_drop, k_head, k_proj = jax.random.split(rng, 4)
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = model.init({"params": k_model, "dropout": k_drop}, dummy, train=False)
     params = {"backbone": variables["params"]}
     emb = jnp.zeros((2, embedding_size), jnp.float32)
     if num_classes:
-        params["head"] = losses.MarginHead(num_classes=num_classes).init(k_head, emb)["params"]
+        params["head"] = losses.MarginHead(num_classes=num_classes, padded_classes=padded_classes).init(
+            k_head, emb)["params"]
     if projection_size:
         params["projection"] = _projection(projection_size).init(k_proj, emb)["params"]
     return {"params": params, "batch_stats": variables.get("batch_stats", {})}
@@ -239,11 +255,12 @@ def projection_size(config) -> int:
     return e_t
 
 
-def _state_init_fn(config, model: nn.Module, tx, num_classes: int) -> Callable[[jax.Array], TrainState]:
+def _state_init_fn(config, model: nn.Module, tx, num_classes: int, mesh) -> Callable[[jax.Array], TrainState]:
     def init(rng):
         k_init, k_state = jax.random.split(rng)
         variables = init_variables(model, num_classes, config.data.image_size, k_init, config.embedding_size,
-                                   projection_size(config))
+                                   projection_size(config),
+                                   padded_classes=head_classes(num_classes, mesh.shape["model"]))
         return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                           batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
                           rng=k_state, nonfinite_steps=jnp.zeros((), jnp.int32),
@@ -253,14 +270,14 @@ def _state_init_fn(config, model: nn.Module, tx, num_classes: int) -> Callable[[
 
 def abstract_state(config, model: nn.Module, tx, num_classes: int, mesh) -> TrainState:
     """ShapeDtypeStructs carrying the target shardings: what a checkpoint is restored into."""
-    shapes = jax.eval_shape(_state_init_fn(config, model, tx, num_classes), jax.random.PRNGKey(config.seed))
+    shapes = jax.eval_shape(_state_init_fn(config, model, tx, num_classes, mesh), jax.random.PRNGKey(config.seed))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, tree_shardings(shapes, mesh))
 
 
 def create_train_state(config, model: nn.Module, tx, num_classes: int, mesh) -> TrainState:
     """Initialises the state directly in its shardings (no host copy of the full parameters)."""
-    init = _state_init_fn(config, model, tx, num_classes)
+    init = _state_init_fn(config, model, tx, num_classes, mesh)
     abstract = abstract_state(config, model, tx, num_classes, mesh)
     rng = jax.random.PRNGKey(config.seed)
     lowered = jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract)).lower(rng)
@@ -286,7 +303,8 @@ def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx
     kd = config.kd
     needs = losses.kd_needs(kd)
     projection = projection_size(config)
-    head = losses.MarginHead(num_classes=num_classes)
+    head = losses.MarginHead(num_classes=num_classes,
+                             padded_classes=head_classes(num_classes, mesh.shape["model"]))
     margin = tuple(float(m) for m in config.margin_list)
     if config.nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'stop' or 'skip'")
@@ -448,8 +466,7 @@ def load_teacher(run: Setup, cache=None) -> Dict[str, PyTree]:
             if centres.shape[1] != run.num_classes:
                 raise ValueError(f"config.teacher.cache={config.teacher.cache}: centres for {centres.shape[1]} "
                                  f"identities, the training data has {run.num_classes}")
-            out["params"] = {"head": {"kernel": jax.device_put(np.asarray(centres, np.float32),
-                                                               NamedSharding(mesh, P(None, "model")))}}
+            out["params"] = {"head": {"kernel": _shard_centres(centres, run)}}
         return out
     workdir = config.teacher.workdir
     if not workdir:
@@ -461,9 +478,10 @@ def load_teacher(run: Setup, cache=None) -> Dict[str, PyTree]:
         shapes = replicated_abstract_variables(run.teacher, None, teacher_image_size(config),
                                                config.teacher.embedding_size, mesh)
         abstract = {"params": dict(shapes["params"]), "batch_stats": shapes["batch_stats"]}
-    if want_head:
+    if want_head:  # as the teacher saved it: padded for the teacher run's own model axis (head_classes)
         abstract["params"]["head"] = {"kernel": jax.ShapeDtypeStruct(
-            (int(config.teacher.embedding_size), run.num_classes), jnp.float32, sharding=replicated)}
+            (int(config.teacher.embedding_size), head_classes(run.num_classes, _saved_model_parallelism(workdir))),
+            jnp.float32, sharding=replicated)}
     try:
         variables, meta = ckpt_lib.restore_variables(workdir, abstract, which=config.teacher.checkpoint)
     except FileNotFoundError as e:
@@ -476,7 +494,28 @@ def load_teacher(run: Setup, cache=None) -> Dict[str, PyTree]:
             f"{hint}Check that config.teacher.model/embedding_size and the training data match the teacher "
             "run.") from e
     log.info("teacher %s restored from %s (step %s)", config.teacher.model, workdir, meta.get("step"))
+    if want_head:
+        variables["params"]["head"] = {"kernel": _shard_centres(variables["params"]["head"]["kernel"], run)}
     return variables
+
+
+def _saved_model_parallelism(workdir: str) -> int:
+    """mesh.model_parallelism of the run in `workdir` (its config.json; 1 where it has none)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return int(json.load(f).get("mesh", {}).get("model_parallelism", 1))
+    except (OSError, ValueError):
+        return 1
+
+
+def _shard_centres(centres, run: Setup) -> jax.Array:
+    """Teacher class centres [E_t, >= C] (a cache's, or a teacher head padded for its own run) -> the first C
+    columns padded with zeros to the student head's column count, sharded like the student's head over `model`
+    (never gathered: the head slices its cosines to C)."""
+    centres = np.asarray(centres, np.float32)[:, :run.num_classes]
+    columns = head_classes(run.num_classes, run.mesh.shape["model"])
+    centres = np.pad(centres, ((0, 0), (0, columns - centres.shape[1])))
+    return jax.device_put(centres, NamedSharding(run.mesh, P(None, "model")))
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -564,6 +603,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
     The workdir is locked for the run (checkpoint.WorkdirLock); resuming a workdir whose config.json differs
     from `config` stops before anything is touched (ConfigMismatchError, check_resumable)."""
+    check_local_paths(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     init_distributed(config.distributed)
     with ckpt_lib.WorkdirLock(workdir):
@@ -573,6 +613,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
 class ConfigMismatchError(ValueError):
     """The workdir holds a run trained with another config."""
+
+
+class NonLocalPathError(ValueError):
+    """A path with a URL scheme (gs://, s3://, ...): the workdir lock, config.json, caches and readers use the
+    local filesystem, so such a path would become a local folder named "gs:"."""
+
+
+def check_local_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises NonLocalPathError naming the field and the way out when the workdir, the teacher's paths or a data
+    spec is a URL (nothing is created). A bucket mounted with gcsfuse (or Colab's Drive) is a local path."""
+    fields = {"--workdir": workdir, "config.teacher.workdir": config.teacher.workdir,
+              "config.teacher.cache": config.teacher.cache, "config.data.root": config.data.root,
+              "config.data.train": config.data.train}
+    fields.update({f"config.data.val_targets[{i}]": v for i, v in enumerate(config.data.val_targets)})
+    for field, value in fields.items():
+        if "://" in str(value or ""):
+            raise NonLocalPathError(
+                f"{field}={value}: only local paths are supported (cloud URLs are not yet); mount the bucket "
+                "(gcsfuse gs://BUCKET /mnt/BUCKET, or Drive on Colab) and give the mounted path")
 
 
 # Fields a resumed run may change: how long, how often, where it evaluates, how it runs. Every other field
@@ -809,6 +868,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: 
 
     The architecture comes from the run (`trained_architecture`); the verification sets from `config`.
     """
+    check_local_paths(config, workdir)
     config = trained_architecture(config, workdir)
     mesh = make_mesh(1)
     student = build_student(config)

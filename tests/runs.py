@@ -96,7 +96,8 @@ def train_setup(config, mesh, num_classes=8, teacher_seed=1):
     tvars = {}
     if run.teacher is not None:
         tvars = train.init_variables(run.teacher, num_classes, config.data.image_size, jax.random.PRNGKey(teacher_seed),
-                                     config.teacher.embedding_size)
+                                     config.teacher.embedding_size,
+                                     padded_classes=train.head_classes(num_classes, mesh.shape["model"]))
     return run.init_state(), run.train_step, tvars
 
 

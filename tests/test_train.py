@@ -85,6 +85,53 @@ def test_class_parallel_mesh_shards_only_the_class_centres():
     assert bool(metrics["finite"])
 
 
+def test_a_class_count_the_model_axis_does_not_divide_pads_the_head_and_trains_as_on_one_device():
+    """7 classes over a model axis of 4 (CASIA's 10,572 over 8 in miniature): the head gets 8 columns, sharded, and
+    the padded one is never read, so 3 steps of Hinton KD on 2x4 equal 3 on one device (7 columns); no all-gather
+    of the centres in the compiled step."""
+    config = tiny_config("conventional_kd", **{"teacher.model": "resnet8", "cpu_kernels": "xla"})
+    batches = synthetic_batches(config, 3, num_classes=7)
+    out = {}
+    for name, mesh in [("one", train.make_mesh(1, devices=jax.devices()[:1])), ("data2_model4", train.make_mesh(4))]:
+        state, step, tvars = train_setup(config, mesh, num_classes=7)
+        if name == "data2_model4":
+            kernel = state.params["head"]["kernel"]
+            assert kernel.shape == (32, 8) and kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+            # the same start as on one device (a [32, 8] normal draw differs from a [32, 7] one), for the student's
+            # head and the teacher's centres (laid out as the loop lays out a teacher's: padded, sharded)
+            kernel = jax.device_put(np.pad(out["init"], ((0, 0), (0, 1))), kernel.sharding)
+            state = state.replace(params=dict(state.params, head={"kernel": kernel}))
+            centres = train._shard_centres(out["teacher"], train.setup(config, num_classes=7, mesh=mesh))
+            assert centres.shape == (32, 8) and centres.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+            tvars = dict(tvars, params=dict(tvars["params"], head={"kernel": centres}))
+            hlo = step.lower(state, train.put_batch(batches[0], mesh), tvars).compile().as_text()
+            assert "all-gather" not in hlo
+        else:
+            out["init"] = np.asarray(state.params["head"]["kernel"])
+            out["teacher"] = np.asarray(tvars["params"]["head"]["kernel"])
+        for b in batches:
+            state, metrics = step(state, train.put_batch(b, mesh), tvars)
+        assert bool(metrics["finite"]) and float(metrics["hinton"]) > 0
+        out[name] = jax.tree.map(np.asarray, state.params)
+    assert out.pop("init").shape == out.pop("teacher").shape == out["one"]["head"]["kernel"].shape == (32, 7)
+    out["data2_model4"]["head"]["kernel"] = out["data2_model4"]["head"]["kernel"][:, :7]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), out["one"], out["data2_model4"])
+    assert train.head_classes(10572, 8) == 10576 and train.head_classes(10572, 1) == 10572
+
+
+def test_kd_state_centres_the_model_axis_does_not_divide_are_replicated():
+    """AdaDistill's centres are read over every column (its own classifier), so they are not padded: where their
+    class count does not divide the model axis they replicate; where it does they shard."""
+    mesh = train.make_mesh(4)
+    shapes = {"params": {"head": {"kernel": jax.ShapeDtypeStruct((4, 8), jnp.float32)}},
+              "kd_state": {"adadistill": {"centres": jax.ShapeDtypeStruct((4, 7), jnp.float32)}},
+              "more": {"kd_state": {"centres": jax.ShapeDtypeStruct((4, 8), jnp.float32)}}}
+    specs = jax.tree.map(lambda s: s.spec, train.tree_shardings(shapes, mesh))
+    P = jax.sharding.PartitionSpec
+    assert specs == {"params": {"head": {"kernel": P(None, "model")}}, "kd_state": {"adadistill": {"centres": P()}},
+                     "more": {"kd_state": {"centres": P(None, "model")}}}
+
+
 def test_loss_falls_on_synthetic_data():
     config = tiny_config("baseline_resnet56", **{"optimizer.lr": 0.1, "batch_size": 32})
     mesh = train.make_mesh(1)
@@ -278,3 +325,19 @@ def test_a_config_file_outside_the_repository_trains_from_another_directory(tmp_
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "my_confg.py does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "w2").exists()
+
+
+@pytest.mark.parametrize("field", ["workdir", "teacher.workdir", "data.train"])
+def test_a_cloud_url_stops_the_run_naming_the_field_and_creates_nothing(field, tmp_path, monkeypatch):
+    """gs:// used to become a local folder `gs:` holding the checkpoints; now it is refused before anything is
+    written, naming the field."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("feature_kd", **{"teacher.model": "resnet8"})
+    workdir = "gs://bucket/run" if field == "workdir" else str(tmp_path / "run")
+    if field == "teacher.workdir":
+        config.teacher.workdir = "gs://bucket/teacher"
+    elif field == "data.train":
+        config.data.train = "recordio:gs://bucket/faces"
+    with pytest.raises(train.NonLocalPathError, match=field.replace(".", r"\.") + "=.*gs://bucket"):
+        train.train_and_evaluate(config, workdir)
+    assert list(tmp_path.iterdir()) == []
