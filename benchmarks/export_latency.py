@@ -13,6 +13,7 @@ JAX runs with the process's threads (XLA:CPU uses every core).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -56,17 +57,21 @@ def main(argv=None) -> None:
     parser.add_argument("--parity", required=True, help="verification spec for the parity gates")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--artefacts", default="", help="keep the exported files (and the tiny run) in this folder "
+                        "and reuse those already there: export once, time again on a quiet machine")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax
 
     from facekd_jax import export
 
-    scratch = tempfile.mkdtemp(prefix="export-latency-")
+    scratch = args.artefacts or tempfile.mkdtemp(prefix="export-latency-")
+    os.makedirs(scratch, exist_ok=True)
     workdir = args.workdir
     if not workdir:
         workdir = os.path.join(scratch, "run")
-        _train_tiny(args.model, args.image_size, args.calibration, workdir)
+        if not os.path.isfile(os.path.join(workdir, "config.json")):
+            _train_tiny(args.model, args.image_size, args.calibration, workdir)
     student = export.load_student(workdir)
     s = student.image_size
     x = np.random.default_rng(0).uniform(0, 255, (1, s, s, 3)).astype(np.float32)
@@ -77,8 +82,12 @@ def main(argv=None) -> None:
     for fmt, precisions in (("onnx", ("fp32", "int8")), ("tflite", ("fp32", "fp16", "int8"))):
         for precision in precisions:
             out = os.path.join(scratch, f"{precision}.{fmt}")
-            record = export.export(workdir, fmt=fmt, precision=precision, out=out, calibration=args.calibration,
-                                   parity=args.parity, log=lambda _: None)
+            if os.path.isfile(out) and os.path.isfile(out + ".json"):  # kept from an earlier --artefacts run
+                with open(out + ".json") as f:
+                    record = json.load(f)
+            else:
+                record = export.export(workdir, fmt=fmt, precision=precision, out=out, calibration=args.calibration,
+                                       parity=args.parity, log=lambda _: None)
             for threads in (1, 2):
                 runtime = export.Runtime(out, fmt, threads=threads)
                 ms, p90 = _timings(runtime.one, x, args.warmup, args.repeats)

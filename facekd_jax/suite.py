@@ -76,8 +76,10 @@ DISTILL_RUNS = [
 ]
 LABEL_FREE = "label_free_kd"
 DLIB_BASELINE = "baseline"
-# 48x48, 250 steps: chosen on pairsDevTrain (README): at 48x48 MobileFaceNet trains 1.7x as fast as at 64x64, so
-# 39 runs (13 per seed) fit 90 minutes at 250 steps; the teacher is centred (dlib's embeddings share a direction).
+# 48x48, 250 steps: chosen on pairsDevTrain (README): at 48x48 MobileFaceNet trains 1.7x as fast as at 64x64; the
+# teacher is centred (dlib's embeddings share a direction). A run is 4-6 minutes on a 2-core machine (40-60
+# images/s measured during the suite), so a seed of 13 runs is about an hour and --seeds=3 about 3 hours there,
+# over the 90 minutes (README).
 PRESETS["lfw_dlib"] = dict(
     train="lfw:{dir}", val=["lfw:{dir}"], students=("mobilefacenet",), image_size=48, embedding_size=128,
     batch_size=64, steps=250, lr=0.1, scale=32.0, eval_batch_size=250, seeds=3, centre=True)
