@@ -431,7 +431,7 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path
               curves.items()}
     positive = [fnmr[(fmr > 0) & (fnmr > 0)] for fmr, fnmr in curves.values()]
     floor = 0.5 * min((p.min() for p in positive if p.size), default=2e-4)
-    fig = Figure(figsize=(6.4, 4.8))
+    fig = Figure(figsize=(8.4, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     # Colour and line style both change from curve to curve (ten colours x four styles: 20 distinct pairs in a row),
@@ -449,8 +449,8 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path
     ax.set_xlabel("FMR (false match rate)")
     ax.set_ylabel("FNMR (false non-match rate)")
     ax.grid(True, which="both", alpha=0.3)
-    if curves:
-        ax.legend(loc="lower left")
+    if curves:  # beside the axes: inside, a 14-curve legend covered the teacher's curve
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     if title:
         ax.set_title(title)
     fig.tight_layout()
