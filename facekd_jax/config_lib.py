@@ -9,6 +9,11 @@ applied left to right after the experiment's own settings:
   --config=configs/feature_kd.py:smoke              the same on synthetic data at toy size (about a minute)
   --config=configs/feature_kd.py:smoke,seed=1       the same, seed 1
   --config=configs/feature_kd.py:smoke,model=resnet20,batch_size=32
+  --config=configs/conventional_kd.py:lfw_dlib,data.root=../shared/data/lfw   one run of the real-teacher suite
+
+The comparison suites (facekd_jax.suite) build every model of a table from one of these variants (`demo`, `lfw`,
+`lfw_dlib`, or `tiny` in the tests and the notebooks' smoke mode), so a suite run and a run of main with the same
+variant train the same thing.
 
 Values are Python literals where they parse as one (numbers, tuples, True), else strings.
 """
@@ -122,7 +127,69 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     c.best_metric = ""
 
 
-VARIANTS: Dict[str, Callable[[ml_collections.ConfigDict], None]] = {"smoke": _smoke, "tiny": _tiny}
+def suite_budget(c: ml_collections.ConfigDict, steps: int) -> None:
+    """`steps` and what the comparison suites derive from them, the same for every model of a table: SGD with 5%
+    warmup and x0.1 at 60% and 85% of the steps, one evaluation at the end (same pairs, same point for every
+    model), a checkpoint every third of the run, no best-checkpoint tracking."""
+    c.num_train_steps = steps
+    c.optimizer.schedule = "step"
+    c.optimizer.step_fractions = (0.6, 0.85)
+    c.optimizer.warmup_steps = max(steps // 20, 0)
+    c.log_every_steps = max(steps // 10, 1)
+    c.eval_every_steps = -1
+    c.checkpoint_every_steps = max(steps // 3, 1)
+    c.keep_checkpoints = 1
+    c.best_metric = ""
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+    """`make demo`'s size (python -m facekd_jax.suite --data=synthetic): 60 steps of 32 synthetic faces at 24x24,
+    about 25 s a model on 2 CPU cores; the models stay near chance (README)."""
+    c.data.train = "synthetic:32:32"
+    c.data.val_targets = ("synthetic:400",)
+    c.data.image_size = 24
+    c.embedding_size = c.teacher.embedding_size = 128
+    c.batch_size = 32
+    c.optimizer.lr = 0.05
+    c.eval_batch_size = 200
+    suite_budget(c, 60)
+
+
+def _lfw(c: ml_collections.ConfigDict) -> None:
+    """LFW View 1's training people at 32x32, 200 steps of 64 (the own-teacher LFW suite; give data.root=LFW_DIR,
+    the folder holding lfw-deepfunneled/ and the pairsDev files). ArcFace m 0.5 at s 32: at s 64 a 200-step
+    teacher stayed at chance (51.1%), at s 32 it reached 58.8-66.2% (pairsDevTest)."""
+    c.data.train = "lfw:{root}"
+    c.data.val_targets = ("lfw:{root}",)
+    c.data.image_size = 32
+    c.embedding_size = c.teacher.embedding_size = 256
+    c.batch_size = 64
+    c.optimizer.lr = 0.1
+    c.scale = 32.0
+    c.eval_batch_size = 250
+    suite_budget(c, 200)
+
+
+def _lfw_dlib(c: ml_collections.ConfigDict) -> None:
+    """The real-teacher suite's run (python -m facekd_jax.suite --teacher=dlib): a MobileFaceNet on LFW View 1's
+    training people at 48x48, 128-d, 250 steps of 64, distilling from dlib's imported descriptor through its
+    centred embedding cache (the suite's layout: runs/lfw_dlib/teacher_dlib, runs/lfw_dlib/cache_lfw). Chosen on
+    pairsDevTrain (README): at 48x48 MobileFaceNet trains 1.7x as fast as at 64x64; dlib's unit embeddings share
+    one direction (|mean| 0.915), so the KD terms see them centred."""
+    _lfw(c)
+    c.model = "mobilefacenet"
+    c.data.image_size = 48
+    c.embedding_size = c.teacher.embedding_size = 128
+    if c.teacher.model:
+        c.teacher.model = "dlib_resnet29"
+        c.teacher.workdir = "runs/lfw_dlib/teacher_dlib"
+        c.teacher.cache = "runs/lfw_dlib/cache_lfw"
+        c.teacher.centre = True
+    suite_budget(c, 250)
+
+
+VARIANTS: Dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "smoke": _smoke, "tiny": _tiny, "demo": _demo, "lfw": _lfw, "lfw_dlib": _lfw_dlib}
 
 
 def _literal(text: str) -> Any:

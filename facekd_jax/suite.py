@@ -11,8 +11,8 @@ ArcFace-only baseline, every KD method, and a label-free feature-KD row (every t
 teacher embeddings as the only target).
 
 Writes DIR/summary.json, DIR/summary.md (the table, McNemar p-values against the ArcFace-only baseline) and
-DIR/roc*.png. Each model is an ordinary run in DIR/... (a config from configs/ with the suite's data and
-budget), so a rerun resumes unfinished runs and reuses finished ones whose whole config is unchanged; a changed
+DIR/roc*.png. Each model is an ordinary run in DIR/... (configs/FILE.py at a config variant: `demo`, `lfw` or
+`lfw_dlib`, or --variant; with the suite's data), so a rerun resumes unfinished runs and reuses finished ones whose whole config is unchanged; a changed
 setting (--lr, --image_size, ...) on the same --workdir stops naming the field (give another --workdir); a larger
 --steps continues the finished runs from their last checkpoint.
 """
@@ -44,16 +44,10 @@ RUNS = [
 ]
 TEACHER, BASELINE = "teacher_resnet18", "baseline_resnet56"
 
-# Sizes per data kind: synthetic is the demo (minutes on 2 CPU cores); lfw trains on View 1's train people.
-PRESETS = {
-    "synthetic": dict(train="synthetic:32:32", val=["synthetic:400"], image_size=24, embedding_size=128,
-                      batch_size=32, steps=60, lr=0.05, eval_batch_size=200),
-    # 32x32 (CIFAR's size, ResNet-56's home): at 48x48 the teacher's 200 steps took 5.7x as long on XLA:CPU, not
-    # 2.25x. ArcFace keeps m=0.5 but s=32: at s=64 the 200-step teacher stayed at chance (51.1%), at s=32 it
-    # reached 58.8%, 66.2% and 63.6% in three runs (pairsDevTest).
-    "lfw": dict(train="lfw:{dir}", val=["lfw:{dir}"], image_size=32, embedding_size=256,
-                batch_size=64, steps=200, lr=0.1, scale=32.0, eval_batch_size=250),
-}
+# The size of each table is a config variant (facekd_jax/config_lib.py), so `main --config=FILE:VARIANT` trains
+# exactly a suite's model: `demo` for synthetic data, `lfw` for LFW with the suite's own teacher, `lfw_dlib` for
+# the real-teacher suite; --variant picks another (the tests and the notebooks' smoke mode use `tiny`).
+DEFAULT_VARIANTS = {"synthetic": "demo", "lfw": "lfw"}
 
 
 # The suite with dlib's imported teacher (--teacher=dlib). The label-free row trains on every training image with
@@ -76,60 +70,49 @@ DISTILL_RUNS = [
 ]
 LABEL_FREE = "label_free_kd"
 DLIB_BASELINE = "baseline"
-# 48x48, 250 steps: chosen on pairsDevTrain (README): at 48x48 MobileFaceNet trains 1.7x as fast as at 64x64; the
-# teacher is centred (dlib's embeddings share a direction). A run is 4-6 minutes on a 2-core machine (40-60
-# images/s measured during the suite), so a seed of 13 runs is about an hour and --seeds=3 about 3 hours there,
-# over the issue's 90 minutes (README).
-PRESETS["lfw_dlib"] = dict(
-    train="lfw:{dir}", val=["lfw:{dir}"], students=("mobilefacenet",), image_size=48, embedding_size=128,
-    batch_size=64, steps=250, lr=0.1, scale=32.0, eval_batch_size=250, seeds=3, centre=True)
+# The real-teacher suite: variant `lfw_dlib` (48x48, 250 steps; chosen on pairsDevTrain, README), a MobileFaceNet
+# student, 3 seeds. A run is 4-6 minutes on a 2-core machine, so a seed of 13 runs is about an hour and --seeds=3
+# about 3 hours there, over the issue's 90 minutes (README: which --runs fit).
+DLIB_VARIANT, DLIB_STUDENTS, DLIB_SEEDS = "lfw_dlib", ("mobilefacenet",), 3
+# Command-line sizes that replace the variant's (None: keep it).
+_SIZE_FIELDS = {"image_size": "data.image_size", "batch_size": "batch_size", "lr": "optimizer.lr", "scale": "scale",
+                "eval_batch_size": "eval_batch_size"}
 
 
 def suite_config(config_module: str, *, data: str, workdir: str, steps: Optional[int], overrides: Dict[str, Any],
-                 preset_name: Optional[str] = None):
-    """The experiment's own config, with the suite's data, size and budget (same for every model)."""
+                 variant: Optional[str] = None):
+    """configs/<config_module>.py:<variant> (the variant of the data kind by default) with the suite's data and
+    the command line's sizes (`overrides`; None keeps the variant's): the same budget for every model."""
+    from facekd_jax import config_lib
+
     kind = data.split(":")[0]
-    preset = dict(PRESETS.get(preset_name or kind, PRESETS["synthetic"]))
-    preset.update({k: v for k, v in overrides.items() if v is not None})
-    c = importlib.import_module(f"configs.{config_module}").get_config()
+    variant = variant or DEFAULT_VARIANTS.get(kind, "demo")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    c = importlib.import_module(f"configs.{config_module}").get_config(variant)
     path = data.split(":", 1)[1] if ":" in data else ""
     if kind == "lfw":
-        c.data.train = preset["train"].format(dir=path)
-        c.data.val_targets = tuple(v.format(dir=path) for v in preset["val"])
-    elif kind == "synthetic":
-        c.data.train = data if ":" in data else preset["train"]
-        c.data.val_targets = tuple(preset["val"])
-    else:  # any training spec (recordio:, folder:, ...); verification sets from --val
+        c.data.train, c.data.val_targets = data, (data,)
+    elif kind != "synthetic":  # any training spec (recordio:, folder:, ...); verification sets from --val
+        c.data.train, c.data.val_targets = data, ()
+    elif path:
         c.data.train = data
-        c.data.val_targets = ()
-    if preset.get("val_targets"):
-        c.data.val_targets = tuple(preset["val_targets"])
+    if overrides.get("val_targets"):
+        c.data.val_targets = tuple(overrides["val_targets"])
     if not c.data.val_targets:
         raise ValueError(f"--data={data}: give the verification sets to compare on with --val=SPEC[,SPEC]")
     is_teacher_run = config_module == TEACHER
-    if preset.get("student") and not is_teacher_run:
-        c.model = preset["student"]
-    if preset.get("teacher"):
-        if is_teacher_run:
-            c.model = preset["teacher"]
-        elif c.teacher.model:
-            c.teacher.model = preset["teacher"]
-    c.data.image_size = preset["image_size"]
-    c.embedding_size = c.teacher.embedding_size = preset["embedding_size"]
-    c.batch_size = preset["batch_size"]
-    c.num_train_steps = steps or preset["steps"]
-    c.optimizer.lr = preset["lr"]
-    if preset.get("scale"):
-        c.scale = preset["scale"]
-    c.optimizer.schedule = preset.get("schedule", "step")
-    c.optimizer.step_fractions = (0.6, 0.85)
-    c.optimizer.warmup_steps = max(c.num_train_steps // 20, 0)
-    c.log_every_steps = max(c.num_train_steps // 10, 1)
-    c.eval_every_steps = -1            # evaluate once at the end: same pairs, same point for every model
-    c.eval_batch_size = preset["eval_batch_size"]
-    c.checkpoint_every_steps = max(c.num_train_steps // 3, 1)
-    c.keep_checkpoints = 1
-    c.best_metric = ""
+    if overrides.get("student") and not is_teacher_run:
+        c.model = overrides["student"]
+    if is_teacher_run:  # the suite's teacher is the architecture its students distil from
+        c.model = overrides.get("teacher") or config_lib.kd_config(variant).teacher.model
+    elif overrides.get("teacher") and c.teacher.model:
+        c.teacher.model = overrides["teacher"]
+    for key, field in _SIZE_FIELDS.items():
+        if key in overrides:
+            config_lib.set_field(c, field, overrides[key])
+    if "embedding_size" in overrides:
+        c.embedding_size = c.teacher.embedding_size = overrides["embedding_size"]
+    config_lib.suite_budget(c, steps or c.num_train_steps)
     if c.teacher.model:
         c.teacher.workdir = os.path.join(workdir, TEACHER)
     return c
@@ -176,8 +159,10 @@ def _train_record(name: str, description: str, config, run_dir: str, log) -> Dic
 
 
 def run_suite(data: str, workdir: str, *, steps: Optional[int] = None, only: Optional[List[str]] = None,
-              overrides: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
-    """Trains and evaluates every run of RUNS (or `only`), then writes the summary files; returns the summary."""
+              overrides: Optional[Dict[str, Any]] = None, variant: Optional[str] = None,
+              log=print) -> Dict[str, Any]:
+    """Trains and evaluates every run of RUNS (or `only`) at the size of config variant `variant` (default: the
+    data kind's, DEFAULT_VARIANTS), then writes the summary files; returns the summary."""
     overrides = overrides or {}
     os.makedirs(workdir, exist_ok=True)
     names = [r[0] for r in RUNS]
@@ -191,7 +176,7 @@ def run_suite(data: str, workdir: str, *, steps: Optional[int] = None, only: Opt
     for name, module, description in RUNS:
         if name not in wanted:
             continue
-        config = suite_config(module, data=data, workdir=workdir, steps=steps, overrides=overrides)
+        config = suite_config(module, data=data, workdir=workdir, steps=steps, overrides=overrides, variant=variant)
         records[name] = _train_record(name, description, config, os.path.join(workdir, name), log)
     return write_summary(records, workdir, log=log)
 
@@ -257,7 +242,7 @@ def run_dlib_suite(lfw_dir: str, workdir: str, **kwargs) -> Dict[str, Any]:
 def run_teacher_suite(teacher_dir: str, workdir: str, *, train: str, label_free: str, seeds: int,
                       students: Optional[List[str]] = None, steps: Optional[int] = None,
                       only: Optional[List[str]] = None, overrides: Optional[Dict[str, Any]] = None,
-                      preset_name: str = "lfw_dlib", log=print) -> Dict[str, Any]:
+                      variant: str = DLIB_VARIANT, log=print) -> Dict[str, Any]:
     """Every method of DISTILL_RUNS from the teacher run in `teacher_dir`, through its embedding caches (built in
     DIR/cache_0 for `train` and DIR/cache_1 for `label_free` when missing), for each student and `seeds` seeds;
     evaluates the teacher on the same pairs with its own crop; writes DIR/summary.json, summary.md and
@@ -267,7 +252,7 @@ def run_teacher_suite(teacher_dir: str, workdir: str, *, train: str, label_free:
     from facekd_jax.teachers.imported import read_teacher_run
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    students = list(students or PRESETS[preset_name]["students"])
+    students = list(students or DLIB_STUDENTS)
     names = [r[0] for r in DISTILL_RUNS]
     wanted = only or names
     unknown = sorted(set(wanted) - set(names))
@@ -296,14 +281,13 @@ def run_teacher_suite(teacher_dir: str, workdir: str, *, train: str, label_free:
                 if name not in wanted:
                     continue
                 config = suite_config(module, data=train, workdir=workdir, steps=steps,
-                                      overrides=dict(overrides, student=student), preset_name=preset_name)
+                                      overrides=dict(overrides, student=student), variant=variant)
                 config.seed = seed
                 if config.teacher.model:
                     role = "label_free" if name == LABEL_FREE else "train"
                     config.teacher.model, config.teacher.workdir = teacher.model, teacher_dir
                     config.teacher.embedding_size = teacher.embedding_size
                     config.teacher.cache = caches[role]
-                    config.teacher.centre = bool(PRESETS[preset_name].get("centre", False))
                     config.data.train = specs[role]
                     config.kd.projection = config.embedding_size != teacher.embedding_size
                 for key, value in extra.items():
@@ -435,6 +419,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=None, help="with --teacher=dlib: seeds per model (default 3)")
     parser.add_argument("--students", default="", help="with --teacher=dlib: comma-separated students "
                         "(default mobilefacenet)")
+    parser.add_argument("--variant", default="", help="the config variant every model is built at (config_lib."
+                        "VARIANTS, key=value parts allowed): default demo for synthetic data, lfw for LFW, "
+                        "lfw_dlib with --teacher=dlib")
     parser.add_argument("--image_size", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--embedding_size", type=int, default=None)
@@ -458,13 +445,13 @@ def main(argv=None):
         kind, _, lfw_dir = args.data.partition(":")
         if kind != "lfw" or not lfw_dir:
             parser.error("--teacher=dlib runs on LFW: --data=lfw:DIR")
-        run_dlib_suite(lfw_dir, args.workdir, seeds=args.seeds or PRESETS["lfw_dlib"]["seeds"],
+        run_dlib_suite(lfw_dir, args.workdir, seeds=args.seeds or DLIB_SEEDS, variant=args.variant or DLIB_VARIANT,
                        students=[s for s in args.students.split(",") if s] or None, steps=args.steps, only=only,
                        overrides={"image_size": args.image_size, "batch_size": args.batch_size,
                                   "embedding_size": args.embedding_size, "lr": args.lr, "scale": args.scale,
                                   "val_targets": [v for v in args.val.split(",") if v] or None})
         return
-    run_suite(args.data, args.workdir, steps=args.steps, only=only,
+    run_suite(args.data, args.workdir, steps=args.steps, only=only, variant=args.variant or None,
               overrides={"student": args.student, "teacher": args.teacher, "image_size": args.image_size,
                          "batch_size": args.batch_size,
                          "embedding_size": args.embedding_size, "lr": args.lr, "scale": args.scale,

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from facekd_jax import suite
+from facekd_jax import config_lib, suite
 
 TOY = {"student": "resnet8", "teacher": "resnet10", "image_size": 16, "batch_size": 16, "embedding_size": 32}
 
@@ -47,12 +47,12 @@ def test_suite_config_gives_every_model_the_same_data_budget_and_head(tmp_path):
     configs = {name: suite.suite_config(module, data="lfw:/data/lfw", workdir=str(tmp_path), steps=None,
                                         overrides={"scale": None, "lr": 0.2})
                for name, module, _ in suite.RUNS}
-    lfw = suite.PRESETS["lfw"]
+    lfw = config_lib.apply_arg(config_lib.default_config(), "lfw")
     for name, c in configs.items():
         assert c.data.train == "lfw:/data/lfw" and c.data.val_targets == ("lfw:/data/lfw",), name
-        assert (c.num_train_steps, c.batch_size, c.data.image_size) == (lfw["steps"], lfw["batch_size"],
-                                                                         lfw["image_size"]), name
-        assert c.scale == lfw["scale"] and c.optimizer.lr == 0.2, name  # None keeps the preset; a value wins
+        assert (c.num_train_steps, c.batch_size, c.data.image_size) == (lfw.num_train_steps, lfw.batch_size,
+                                                                         lfw.data.image_size), name
+        assert c.scale == lfw.scale and c.optimizer.lr == 0.2, name  # None keeps the variant's; a value wins
         if name != suite.TEACHER and c.teacher.model:
             assert c.teacher.workdir == str(tmp_path / suite.TEACHER), name
             assert c.teacher.embedding_size == c.embedding_size, name
