@@ -5,18 +5,21 @@ import pytest
 
 from facekd_jax import config_lib, suite
 
-TOY = {"student": "resnet8", "teacher": "resnet10", "image_size": 16, "batch_size": 16, "embedding_size": 32}
+
+
+# The teacher, the baseline and a KD method of each kind (logits against the teacher's, the teacher's centres):
+# every method's step is tested in test_train.py; here the suite's machinery, at the tests' `tiny` variant.
+SUITE_SUBSET = ["teacher_resnet18", "baseline_resnet56", "conventional_kd", "margin_distillation"]
 
 
 @pytest.mark.slow
 def test_suite_end_to_end_writes_summary_table_and_roc(tmp_path):
     logs = []
-    summary = suite.run_suite("synthetic:8:16", str(tmp_path), steps=3, overrides=dict(TOY, val_targets=("synthetic:60",)),
-                              log=logs.append)
-    names = [r[0] for r in suite.RUNS]
+    kwargs = dict(steps=3, only=SUITE_SUBSET, variant="tiny", overrides={"val_targets": ("synthetic:60",)})
+    summary = suite.run_suite("synthetic", str(tmp_path), log=logs.append, **kwargs)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    assert list(on_disk["models"]) == names
+    assert list(on_disk["models"]) == SUITE_SUBSET
     keys = {"accuracy", "accuracy_std", "eer", "fnmr_at_fmr", "params", "gflops", "mb", "p_value_vs_baseline",
             "train_seconds"}
     for name, row in on_disk["models"].items():
@@ -25,15 +28,18 @@ def test_suite_end_to_end_writes_summary_table_and_roc(tmp_path):
         assert (row["p_value_vs_baseline"] is None) == (name == suite.BASELINE)
     models = on_disk["models"]
     assert models["teacher_resnet18"]["params"] > models["baseline_resnet56"]["params"]  # resnet10 vs resnet8
+    # the tiny variant's sizes, the suite's budget
+    config = json.loads((tmp_path / "conventional_kd" / "config.json").read_text())
+    assert (config["model"], config["teacher"]["model"], config["data"]["image_size"]) == ("resnet8", "resnet10", 16)
+    assert config["num_train_steps"] == 3 and config["eval_every_steps"] == -1
     table = (tmp_path / "summary.md").read_text()
-    for name in names:
+    for name in SUITE_SUBSET:
         assert name in table
     assert (tmp_path / "roc.png").stat().st_size > 1000
     # A rerun reuses every finished run instead of training again.
     logs.clear()
-    suite.run_suite("synthetic:8:16", str(tmp_path), steps=3, overrides=dict(TOY, val_targets=("synthetic:60",)),
-                    log=logs.append)
-    assert sum("reused" in line for line in logs) == len(names)
+    suite.run_suite("synthetic", str(tmp_path), log=logs.append, **kwargs)
+    assert sum("reused" in line for line in logs) == len(SUITE_SUBSET)
 
 
 def test_suite_rejects_unknown_runs_and_missing_verification_sets(tmp_path):
@@ -72,7 +78,7 @@ def test_teacher_suite_at_toy_size_aggregates_seeds_and_has_the_label_free_row(t
     make_teacher_run(tmp_path / "teacher")
     toy = {"image_size": 16, "batch_size": 16, "embedding_size": WIDTH, "val_targets": ("synthetic:40",),
            "eval_batch_size": 40}
-    names = ["baseline", "feature_kd", suite.LABEL_FREE]  # a subset: every method compiles its own step
+    names = ["baseline", suite.LABEL_FREE]  # a subset: every method compiles its own step
     kwargs = dict(train="synthetic:6:4", label_free="synthetic:8:3", seeds=2, students=["resnet8"], steps=2,
                   overrides=toy)
     summaries = suite.run_teacher_suite(str(tmp_path / "teacher"), str(tmp_path / "w"), log=lambda *_: None,
