@@ -208,12 +208,11 @@ def _draw(params: tf.Tensor, expression, size: int) -> tf.Tensor:
     return tf.concat([rgb * alpha[..., None], 255.0 * alpha[..., None]], axis=-1)
 
 
-@functools.lru_cache(maxsize=8)
-def _template_fn(size: int):
-    def draw_all(params):
-        variants = [_draw(params, e, size) for e in EXPRESSIONS]
-        return tf.cast(tf.clip_by_value(tf.round(tf.stack(variants, axis=1)), 0.0, 255.0), tf.uint8)
-    return tf.function(draw_all, input_signature=[tf.TensorSpec((None, len(IDENTITY_PARAMS)), tf.float32)])
+def _draw_templates(params: tf.Tensor, size: int) -> tf.Tensor:
+    """Eagerly, op by op: tracing this into a tf.function cost ~3 s per process, more than drawing a few hundred
+    faces, and made a face's pixels depend on whether it was traced (grappler rewrites changed rare rounding ties)."""
+    variants = [_draw(params, e, size) for e in EXPRESSIONS]
+    return tf.cast(tf.clip_by_value(tf.round(tf.stack(variants, axis=1)), 0.0, 255.0), tf.uint8)
 
 
 def template_size(image_size: int) -> int:
@@ -224,8 +223,7 @@ def templates(identity, *, image_size: int, seed: int = 0, batch_size: int = 256
     """int [N] identity ids -> uint8 [N, 4, R, R, 4]: premultiplied RGBA of the 4 expression variants."""
     identity = np.asarray(identity, np.int64).reshape(-1)
     size = template_size(image_size)
-    fn = _template_fn(size)
-    out = [fn(identity_params(identity[i:i + batch_size], seed)).numpy()
+    out = [_draw_templates(tf.constant(identity_params(identity[i:i + batch_size], seed)), size).numpy()
            for i in range(0, len(identity), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, len(EXPRESSIONS), size, size, 4), np.uint8)
 
@@ -375,7 +373,7 @@ def _compose_fn(image_size: int):
     size = template_size(image_size)
     return tf.function(lambda t, p: compose(t, p, image_size), input_signature=[
         tf.TensorSpec((None, len(EXPRESSIONS), size, size, 4), tf.uint8),
-        tf.TensorSpec((None, len(SAMPLE_PARAMS)), tf.float32)])
+        tf.TensorSpec((None, len(SAMPLE_PARAMS)), tf.float32)], autograph=False)
 
 
 def render(identity, sample, *, image_size: int = 112, seed: int = 0, batch_size: int = 256) -> np.ndarray:
