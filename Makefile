@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m facekd_jax.suite --data=synthetic --workdir=runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q --durations=20 tests
+	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=20 tests
 
 clean:
 	rm -rf $(VENV) runs

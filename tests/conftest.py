@@ -31,3 +31,12 @@ def lfw_dir():
     if not (LFW_DIR / "pairs.txt").exists():
         pytest.skip(f"real LFW data not found at {LFW_DIR} (see ../shared/data/lfw/SOURCE.md)")
     return LFW_DIR
+
+
+@pytest.fixture
+def one_device():
+    """In-process runs in this test use one device (runs.one_device)."""
+    from runs import one_device as context
+
+    with context():
+        yield

@@ -1,6 +1,7 @@
 """Helpers shared by the training, checkpoint and suite tests: tiny configs and `main` in a subprocess."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -29,6 +30,26 @@ def tiny_config(module: str = "baseline_resnet56", workdir: Optional[str] = None
     if workdir and c.teacher.model:
         c.teacher.workdir = str(workdir)
     return c
+
+
+@contextlib.contextmanager
+def one_device():
+    """In-process runs on the first of the tests' 8 fake devices (the first `mesh.model_parallelism` of them): the
+    same code without 8 device programs on 2 CPU cores, for tests that check a run's behaviour, not its sharding
+    (sharding is tested on purpose elsewhere). Halves the time of the suite and export tests."""
+    import jax
+    import pytest
+
+    from facekd_jax import train
+
+    original = train.make_mesh
+
+    def make_mesh(model_parallelism: int = 1, devices=None):
+        return original(model_parallelism, jax.devices()[:model_parallelism] if devices is None else devices)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "make_mesh", make_mesh)
+        yield
 
 
 def _flag(key: str, value) -> str:

@@ -148,7 +148,7 @@ def test_damaged_newest_checkpoint_is_reported_and_passed_over(tmp_path, caplog)
     assert (tmp_path / "checkpoints" / "2").exists()
 
 
-def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path, one_device):
     config = tiny_config("baseline_resnet56", num_train_steps=8, checkpoint_every_steps=2, debug_nan_step=4,
                          **{"data.val_targets": ()})
     with pytest.raises(train.NonFiniteLossError, match=r"step 5.*total"):
@@ -172,7 +172,7 @@ def _tree_files(root) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_changed_config_is_refused_before_anything_is_touched(tmp_path):
+def test_changed_config_is_refused_before_anything_is_touched(tmp_path, one_device):
     """A rerun with another architecture is not damage: it stops naming the field, and nothing moves."""
     config = tiny_config("baseline_resnet56", num_train_steps=4, **{"data.val_targets": ()})
     workdir = str(tmp_path / "run")
@@ -218,7 +218,31 @@ def test_scrambled_checkpoint_bytes_are_damage(tmp_path, caplog):
         ckpt_lib.check_fingerprint({"a": np.arange(6, dtype=np.float32)[::-1].copy(), "b": tree["b"]}, meta, "x")
 
 
-def test_workdir_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):
+def test_host_fingerprint_equals_the_jitted_one_on_every_dtype_and_across_chunks(monkeypatch):
+    """Arrays held whole are summed with NumPy, sharded ones on device: both must give the same digits, or a
+    checkpoint saved one way would be called damaged when restored the other way."""
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(ckpt_lib, "_HOST_CHUNK", 1000)  # several chunks, one ragged
+    rng = np.random.default_rng(0)
+    tree = {"f32": rng.normal(size=(3, 5, 7)).astype(np.float32), "i32": rng.integers(0, 2**31 - 1, 4321, np.int32),
+            "bf16": jnp.asarray(rng.normal(size=2500), jnp.bfloat16), "i8": rng.integers(-128, 127, 100, np.int8),
+            "bool": rng.random(33) > 0.5, "u16": rng.integers(0, 65535, 17).astype(np.uint16),
+            "key": jax.random.key(3)}
+    host = ckpt_lib.fingerprint(tree)
+    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(tree))
+    sums = jax.device_get(ckpt_lib._fingerprints([jnp.asarray(x) for x in leaves]))
+    assert host == {jax.tree_util.keystr(p): f"{int(a):08x}{int(b):08x}" for p, (a, b) in zip(paths, sums)}
+    assert len(set(host.values())) == len(host)
+    # A class-sharded array (as the margin head's centres): the jitted sums over its shards, the host's over it.
+    mesh = train.make_mesh(2)
+    sharded = jax.device_put(rng.normal(size=(6, 8)).astype(np.float32),
+                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model")))
+    (a, b), = jax.device_get(ckpt_lib._fingerprints([sharded]))
+    assert ckpt_lib.fingerprint({"x": sharded}) == {"['x']": f"{int(a):08x}{int(b):08x}"}
+
+
+def test_workdir_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path, one_device):
     config = tiny_config("baseline_resnet56", num_train_steps=2, **{"data.val_targets": ()})
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -237,7 +261,7 @@ def test_workdir_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):
     assert not (workdir / "lock").exists()
 
 
-def test_failed_save_stops_the_run_with_its_cause(tmp_path, monkeypatch):
+def test_failed_save_stops_the_run_with_its_cause(tmp_path, monkeypatch, one_device):
     import errno
 
     import orbax.checkpoint as ocp

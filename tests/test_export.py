@@ -6,22 +6,26 @@ import json
 import numpy as np
 import pytest
 
-from runs import tiny_config
+from runs import one_device, tiny_config
 
 pytest.importorskip("onnxruntime", reason="the [export] extra is not installed (pip install -e '.[export]')")
 pytest.importorskip("ai_edge_litert", reason="the [export] extra is not installed (pip install -e '.[export]')")
 
 from facekd_jax import export, train  # noqa: E402
 
+# One xdist worker trains the module's student once (make test runs --dist loadgroup), not one per worker.
+pytestmark = pytest.mark.xdist_group("export")
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="session")  # session: trained once per worker even when xdist interleaves other modules
 def run(tmp_path_factory, lfw_dir):
     """A MobileFaceNet student (PReLU, depthwise convs, GDC head) trained 20 steps on LFW at 32x32."""
     workdir = tmp_path_factory.mktemp("export") / "student"
     config = tiny_config("baseline_resnet56", model="mobilefacenet", embedding_size=32, num_train_steps=20,
                          checkpoint_every_steps=20,  # one save: the tiny variant's every-2-steps cost 45 s here
                          **{"data.image_size": 32, "data.train": f"lfw:{lfw_dir}", "data.val_targets": ()})
-    train.train_and_evaluate(config, str(workdir))
+    with one_device():
+        train.train_and_evaluate(config, str(workdir))
     return workdir
 
 

@@ -13,7 +13,7 @@ SUITE_SUBSET = ["teacher_resnet18", "baseline_resnet56", "conventional_kd", "mar
 
 
 @pytest.mark.slow
-def test_suite_end_to_end_writes_summary_table_and_roc(tmp_path):
+def test_suite_end_to_end_writes_summary_table_and_roc(tmp_path, one_device):
     logs = []
     kwargs = dict(steps=3, only=SUITE_SUBSET, variant="tiny", overrides={"val_targets": ("synthetic:60",)})
     summary = suite.run_suite("synthetic", str(tmp_path), log=logs.append, **kwargs)
@@ -70,7 +70,7 @@ def test_suite_config_gives_every_model_the_same_data_budget_and_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_teacher_suite_at_toy_size_aggregates_seeds_and_has_the_label_free_row(tmp_path):
+def test_teacher_suite_at_toy_size_aggregates_seeds_and_has_the_label_free_row(tmp_path, one_device):
     """The real-teacher suite's machinery on a random teacher run and synthetic faces: caches built, every
     method for 2 seeds, per-seed McNemar against that seed's baseline, the teacher's row, the label-free row."""
     from test_teacher_cache import WIDTH, make_teacher_run

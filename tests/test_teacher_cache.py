@@ -222,7 +222,7 @@ def test_teacher_run_describes_its_network(tmp_path):
         read_teacher_run(str(tmp_path / "missing"))
 
 
-def test_train_loop_distils_from_the_cache_with_teacher_centres(built, tmp_path):
+def test_train_loop_distils_from_the_cache_with_teacher_centres(built, tmp_path, one_device):
     """The loop end to end with a cache and a method that needs the teacher's centres (ArcFace-logit KD)."""
     root, _, _, cache = built
     cfg = tiny_config("arcface_kd", **{"teacher.model": "resnet8", "teacher.workdir": str(root / "teacher"),

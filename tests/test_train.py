@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runs import REPO, load_params, run_main, subprocess_env, synthetic_batches, tiny_config, train_setup
+from runs import REPO, load_params, one_device, run_main, subprocess_env, synthetic_batches, tiny_config, train_setup
 from facekd_jax import data as data_lib
 from facekd_jax import train
 
@@ -59,17 +59,19 @@ def test_stateful_kd_methods_shard_and_checkpoint_their_state(module, tmp_path):
             assert state.kd_state["adadistill"]["centres"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), out["one"], out["data4_model2"])
     assert any(float(np.abs(x).max()) > 0 for x in jax.tree.leaves(out["one"][1]))
-    # Through the loop: the state is checkpointed and comes back on resume.
+    # Through the loop (on one device: the sharding was checked above): the state is checkpointed and comes back
+    # on resume.
     teacher_dir = tmp_path / "teacher"
     tcfg = tiny_config("teacher_resnet18", **{"model": "resnet8", "num_train_steps": 2, "data.val_targets": ()})
-    train.train_and_evaluate(tcfg, str(teacher_dir))
     config = tiny_config(module, teacher_dir, **{"teacher.model": "resnet8", "num_train_steps": 4,
                                                  "data.val_targets": ()})
-    train.train_and_evaluate(config, str(tmp_path / "student"))
-    step, saved = load_params(tmp_path / "student")
-    assert step == 4 and module in saved["kd_state"]
-    config.num_train_steps = 6
-    assert train.train_and_evaluate(config, str(tmp_path / "student"))["step"] == 6
+    with one_device():
+        train.train_and_evaluate(tcfg, str(teacher_dir))
+        train.train_and_evaluate(config, str(tmp_path / "student"))
+        step, saved = load_params(tmp_path / "student")
+        assert step == 4 and module in saved["kd_state"]
+        config.num_train_steps = 6
+        assert train.train_and_evaluate(config, str(tmp_path / "student"))["step"] == 6
 
 
 def test_class_parallel_mesh_shards_only_the_class_centres():
@@ -203,10 +205,11 @@ def optax_norm(tree):
 
 @pytest.mark.slow
 def test_main_trains_teacher_then_distils_then_evaluates(tmp_path):
-    """As a new user: smoke teacher, a feature-KD student on 8 fake devices reading it, then eval mode."""
+    """As a new user: smoke teacher, a feature-KD student on 4 fake devices reading it (main's data-parallel
+    path; the step's sharding on 8 is tested above), then eval mode."""
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     run_main("configs/teacher_resnet18.py:smoke", teacher_dir, {"model": "resnet10"})
-    proc = run_main("configs/feature_kd.py:smoke", student_dir, {"teacher.workdir": str(teacher_dir)}, devices=8)
+    proc = run_main("configs/feature_kd.py:smoke", student_dir, {"teacher.workdir": str(teacher_dir)}, devices=4)
     log = proc.stdout + proc.stderr
     assert "SYNTHETIC" in log and "feature" in log and "[synthetic][6]Accuracy-Flip:" in log
     # One line per event: Orbax's INFO chatter (about ten lines per checkpoint) is filtered out (facekd_jax.logs);
