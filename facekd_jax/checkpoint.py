@@ -72,8 +72,8 @@ _HOST_CHUNK = 1 << 22  # elements per step of the host sums (bounds their tempor
 
 
 def _host_fingerprint(x) -> Tuple[int, int]:
-    """`_fingerprints` of one leaf with NumPy, to the bit (uint32 sums wrap the same way): for arrays this process
-    holds whole, where compiling the jitted one (~3 s for a ResNet's state) costs more than summing it."""
+    """`_fingerprints` of one leaf with NumPy, to the bit (uint32 sums wrap the same way): on CPU, compiling the
+    jitted one (~3 s for a ResNet's state) costs more than summing."""
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     x = np.asarray(x).reshape(-1)
@@ -95,16 +95,19 @@ def _host_fingerprint(x) -> Tuple[int, int]:
     return int(total), int(weighted)
 
 
-def _whole_here(x) -> bool:
-    return not isinstance(x, jax.Array) or x.is_fully_addressable
+def _in_host_memory(x) -> bool:
+    """NumPy, or a CPU array this process holds whole (an accelerator's state would be copied to the host on
+    every save; there the jitted sums, compiled once per run, are cheaper)."""
+    return not isinstance(x, jax.Array) or (x.is_fully_addressable and
+                                            all(d.platform == "cpu" for d in x.sharding.device_set))
 
 
 def fingerprint(tree: Mapping[str, Any]) -> dict:
     """{leaf path: 16 hex digits} of every array in `tree`: written at save, checked at restore. Scrambled bytes
-    on disk change it (a changed value changes the bit sum; a moved one the weighted sum). Summed on the host
-    when this process holds every array whole, else by the jitted `_fingerprints` (the same digits)."""
+    on disk change it (a changed value changes the bit sum; a moved one the weighted sum). Summed with NumPy when
+    every array is in this process's host memory, else by the jitted `_fingerprints` (the same digits)."""
     paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(tree)) if jax.tree_util.tree_leaves(tree) else ((), ())
-    if all(_whole_here(x) for x in leaves):
+    if all(_in_host_memory(x) for x in leaves):
         sums = [_host_fingerprint(x) for x in leaves]
     else:
         sums = jax.device_get(_fingerprints(list(leaves)))
