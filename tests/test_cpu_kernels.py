@@ -39,26 +39,32 @@ def test_builds_where_pyproject_installs_it():
 
 def _reference(x, w, strides, padding):
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
-                                    precision=lax.Precision.HIGHEST)
+                                    feature_group_count=x.shape[-1] // w.shape[2], precision=lax.Precision.HIGHEST)
 
 
-# (batch, size, in, out, kernel, stride, padding): resnet's 3x3 blocks, a stride-2 3x3 on an odd size, the 1x1
-# stride-2 shortcut, the ImageNet 7x7 stem, asymmetric padding and a non-square image.
+# (batch, size, in, out, kernel, stride, padding, groups): resnet's 3x3 blocks, a stride-2 3x3 on an odd size, the
+# 1x1 stride-2 shortcut, the ImageNet 7x7 stem, asymmetric padding and a non-square image; MobileFaceNet's
+# depthwise 3x3 (stride 1 and 2) and its global depthwise 3x3 over a 3x3 map (48x48 input, no padding); a
+# grouped convolution with 2 input and 3 output channels per group (XLA's HWIO output blocks per group).
 GEOMETRIES = [
-    (2, (12, 12), 16, 16, 3, 1, ((1, 1), (1, 1))),
-    (3, (15, 15), 8, 16, 3, 2, ((1, 1), (1, 1))),
-    (2, (12, 12), 16, 32, 1, 2, ((0, 0), (0, 0))),
-    (2, (20, 20), 3, 8, 7, 2, ((3, 3), (3, 3))),
-    (1, (9, 11), 5, 7, 3, 1, ((0, 1), (2, 0))),
+    (2, (12, 12), 16, 16, 3, 1, ((1, 1), (1, 1)), 1),
+    (3, (15, 15), 8, 16, 3, 2, ((1, 1), (1, 1)), 1),
+    (2, (12, 12), 16, 32, 1, 2, ((0, 0), (0, 0)), 1),
+    (2, (20, 20), 3, 8, 7, 2, ((3, 3), (3, 3)), 1),
+    (1, (9, 11), 5, 7, 3, 1, ((0, 1), (2, 0)), 1),
+    (4, (12, 12), 24, 24, 3, 1, ((1, 1), (1, 1)), 24),
+    (3, (13, 13), 16, 16, 3, 2, ((1, 1), (1, 1)), 16),
+    (5, (3, 3), 40, 40, 3, 1, ((0, 0), (0, 0)), 40),
+    (2, (9, 9), 8, 12, 3, 1, ((1, 1), (1, 1)), 4),
 ]
 
 
 @needs_onednn
-@pytest.mark.parametrize("n,size,ci,co,k,s,padding", GEOMETRIES)
-def test_forward_and_both_gradients_equal_xla(n, size, ci, co, k, s, padding):
+@pytest.mark.parametrize("n,size,ci,co,k,s,padding,groups", GEOMETRIES)
+def test_forward_and_both_gradients_equal_xla(n, size, ci, co, k, s, padding, groups):
     rng = np.random.default_rng(ci * 100 + co)
     x = jnp.asarray(rng.standard_normal((n, *size, ci), dtype=np.float32))
-    w = jnp.asarray(rng.standard_normal((k, k, ci, co), dtype=np.float32) * 0.2)
+    w = jnp.asarray(rng.standard_normal((k, k, ci // groups, co), dtype=np.float32) * 0.2)
     strides = (s, s)
     y_ref, vjp_ref = jax.vjp(lambda x, w: _reference(x, w, strides, padding), x, w)
     dy = jnp.asarray(rng.standard_normal(y_ref.shape, dtype=np.float32))
@@ -105,7 +111,12 @@ def test_supports_only_what_onednn_computes_exactly():
         x.shape, w.shape, NHWC)))  # flax passes ConvDimensionNumbers
     assert not onednn_conv.supports(x, w, **dict(ok, rhs_dilation=(2, 2)))
     assert not onednn_conv.supports(x, w, **dict(ok, lhs_dilation=(2, 2)))
-    assert not onednn_conv.supports(x, w, **dict(ok, feature_group_count=2))
+    assert onednn_conv.supports(x, jax.ShapeDtypeStruct((3, 3, 2, 8), jnp.float32), **dict(ok, feature_group_count=2))
+    assert onednn_conv.supports(x, jax.ShapeDtypeStruct((3, 3, 1, 4), jnp.float32),
+                                **dict(ok, feature_group_count=4))  # depthwise
+    assert not onednn_conv.supports(x, w, **dict(ok, feature_group_count=2))  # w's Ci is not 4 / 2
+    assert not onednn_conv.supports(x, jax.ShapeDtypeStruct((3, 3, 1, 6), jnp.float32),
+                                    **dict(ok, feature_group_count=4))  # 6 outputs in 4 groups
     assert not onednn_conv.supports(x, w, **dict(ok, dimension_numbers=("NCHW", "OIHW", "NCHW")))
     assert not onednn_conv.supports(x, w, **dict(ok, dimension_numbers=None))  # lax's default is NCHW
     assert not onednn_conv.supports(x, jax.ShapeDtypeStruct(w.shape, jnp.bfloat16), **ok)  # mixed dtypes

@@ -6,9 +6,9 @@ the handlers compile on first use with the system C++ compiler). Two pieces:
 
 - `model_layers(choice, num_devices)`: {"conv": ..., "norm": ...} for `build_model(**layers)`, decided once per
   run by the set-up (train.setup) from `config.cpu_kernels`:
-    "auto"   oneDNN layers on a single-device CPU run where the extra is installed and builds; elsewhere on a
-             CPU flax's Conv with depthwise convolutions as element-wise taps (pure JAX, 6x faster on XLA:CPU);
-             on a GPU/TPU flax's layers;
+    "auto"   oneDNN layers (depthwise convolutions included) on a single-device CPU run where the extra is
+             installed and builds; elsewhere on a CPU flax's Conv with depthwise convolutions as element-wise
+             taps (pure JAX, 6x faster than XLA:CPU's grouped convolution); on a GPU/TPU flax's layers;
     "onednn" the oneDNN layers, or an error where they cannot be used;
     "xla"    flax's layers, XLA's kernels.
 - `xla_flags.apply_cpu_defaults()`: XLA:CPU flags (YNNPACK element-wise fusions), pure Python, applied by the

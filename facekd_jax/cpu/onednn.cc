@@ -1,6 +1,6 @@
 // 2-D convolutions for XLA:CPU through oneDNN, as three XLA FFI handlers: forward, input gradient and weight
-// gradient of an NHWC x HWIO -> NHWC convolution (any kernel size, stride and explicit padding, no dilation, one
-// group), float32 or bfloat16. Then the training-mode batch norm that sits between them, fused with its ReLU or
+// gradient of an NHWC x HWIO -> NHWC convolution (any kernel size, stride and explicit padding, no dilation, any
+// feature group count: depthwise too), float32 or bfloat16. Then the training-mode batch norm that sits between them, fused with its ReLU or
 // residual add and ReLU (plain C++/OpenMP loops, forward and backward). Built and registered by
 // facekd_jax/cpu/onednn.py, which documents why.
 #include <omp.h>
@@ -30,16 +30,21 @@ dnnl::engine& Engine() {
 }
 
 struct Geometry {
-  int64_t n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr;
+  int64_t n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr, groups;
   memory::data_type dt;
   std::string Key(char kind) const {
     std::string k(1, kind);
-    for (int64_t v : {n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr, int64_t(dt)})
+    for (int64_t v : {n, h, w, ci, kh, kw, co, oh, ow, sh, sw, pt, pb, pl, pr, groups, int64_t(dt)})
       k += "," + std::to_string(v);
     return k;
   }
   memory::desc Src(tag t = tag::nhwc) const { return {{n, ci, h, w}, dt, t}; }
-  memory::desc Weights(tag t = tag::hwio) const { return {{co, ci, kh, kw}, dt, t}; }
+  // XLA's grouped HWIO [KH, KW, Ci/G, Co] (output channels in G contiguous blocks) is oneDNN's hwigo layout of
+  // (G, Co/G, Ci/G, KH, KW) weights: the same bytes.
+  memory::desc Weights(tag t = tag::hwio) const {
+    if (groups == 1) return {{co, ci, kh, kw}, dt, t};
+    return {{groups, co / groups, ci / groups, kh, kw}, dt, t == tag::hwio ? tag::hwigo : t};
+  }
   memory::desc Dst(tag t = tag::nhwc) const { return {{n, co, oh, ow}, dt, t}; }
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims PadL() const { return {pt, pl}; }
@@ -144,8 +149,9 @@ ffi::Error Run(char kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
   auto x = kind == 'd' ? out->dimensions() : a.dimensions();
   auto w = kind == 'w' ? out->dimensions() : b.dimensions();
   auto y = kind == 'f' ? out->dimensions() : (kind == 'd' ? a.dimensions() : b.dimensions());
-  if (x[3] != w[2] || y[3] != w[3] || x[0] != y[0])
+  if (w[2] < 1 || x[3] % w[2] != 0 || y[3] != w[3] || x[0] != y[0] || w[3] % (x[3] / w[2]) != 0)
     return ffi::Error::InvalidArgument("onednn_conv: operand shapes do not form an NHWC x HWIO convolution");
+  g.groups = x[3] / w[2];
   g.n = x[0]; g.h = x[1]; g.w = x[2]; g.ci = x[3];
   g.kh = w[0]; g.kw = w[1]; g.co = w[3]; g.oh = y[1]; g.ow = y[2];
   g.sh = sh; g.sw = sw; g.pt = pt; g.pb = pb; g.pl = pl; g.pr = pr;

@@ -15,7 +15,8 @@ checks it against float64).
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`,
 as facekd_jax.cpu.layers.OnednnConv uses it). It takes the oneDNN path where the call is one it computes exactly
-(`supports`: 2-D NHWC x HWIO -> NHWC, no dilation, one feature group, float32 or bfloat16 operands of one dtype)
+(`supports`: 2-D NHWC x HWIO -> NHWC, no dilation, any feature group count, float32 or bfloat16 operands of one
+dtype)
 and XLA's convolution otherwise. Whether a run uses these kernels at all is decided once, by the set-up, from
 `config.cpu_kernels` (facekd_jax.cpu.model_layers): only on a single-device CPU, because the custom calls have no
 SPMD partitioning rule.
@@ -138,7 +139,8 @@ def _out_shape(x_shape, w_shape, strides, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x, w, strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]):
-    """oneDNN convolution: x [N,H,W,Ci], w [KH,KW,Ci,Co] -> [N,OH,OW,Co]; padding ((top, bottom), (left, right)).
+    """oneDNN convolution: x [N,H,W,Ci], w [KH,KW,Ci/G,Co] -> [N,OH,OW,Co]; padding ((top, bottom), (left, right));
+    G = Ci / w.shape[2] feature groups (XLA's feature_group_count; Ci = G is a depthwise convolution).
 
     No fallback: callers check `available()` and `supports(...)` (conv_general_dilated does).
     """
@@ -165,14 +167,16 @@ def supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dime
     """Whether oneDNN's convolution computes exactly this `lax.conv_general_dilated` call."""
     if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != rhs.dtype or lhs.dtype not in (np.float32, jax.numpy.bfloat16):
         return False
-    if feature_group_count != 1 or any(d != 1 for d in (lhs_dilation or (1, 1))) or \
-            any(d != 1 for d in (rhs_dilation or (1, 1))):
+    if any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1))):
         return False
     if dimension_numbers is None:
         return False
     want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want and \
-        all(int(s) >= 1 for s in window_strides)
+    if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != want:
+        return False
+    groups = int(feature_group_count)
+    return (groups >= 1 and lhs.shape[-1] == rhs.shape[2] * groups and rhs.shape[3] % groups == 0
+            and all(int(s) >= 1 for s in window_strides))
 
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
