@@ -134,6 +134,22 @@ def _finished(run_dir: str, config) -> Optional[Dict[str, Any]]:
     return None
 
 
+_VAL_TARGETS: Dict[str, Any] = {}  # the suite's verification sets, decoded once per process (10 s for LFW's)
+
+
+def _val_targets(config) -> Dict[str, Any]:
+    from facekd_jax import train
+
+    key = json.dumps([list(config.data.val_targets), config.data.root, config.data.image_size])
+    if key not in _VAL_TARGETS:
+        targets = train.load_val_targets(config) if config.data.val_targets else {}
+        for arrays in targets.values():
+            for a in arrays:
+                a.flags.writeable = False  # shared by every run of the suite
+        _VAL_TARGETS[key] = targets
+    return _VAL_TARGETS[key]
+
+
 def _train_record(name: str, description: str, config, run_dir: str, log) -> Dict[str, Any]:
     """Trains (or reuses) one run and returns its suite record: eval results, size, time."""
     from facekd_jax import models, train
@@ -144,7 +160,7 @@ def _train_record(name: str, description: str, config, run_dir: str, log) -> Dic
         return record
     log(f"== {name}: {description} ({config.num_train_steps} steps of {config.batch_size}) ==")
     t0 = time.time()
-    out = train.train_and_evaluate(config, run_dir)
+    out = train.train_and_evaluate(config, run_dir, val_targets=_val_targets(config))
     if out.get("preempted"):
         raise SystemExit(f"suite interrupted during {name}; run the same command again to continue")
     summary = models.model_summary(config.model, image_size=config.data.image_size,

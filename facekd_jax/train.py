@@ -598,17 +598,20 @@ def _format_metrics(metrics: Mapping[str, float]) -> str:
     return " ".join(parts)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       val_targets: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None) -> Dict[str, Any]:
     """Trains the configured student (with KD when configured); returns the final metrics and eval results.
 
     The workdir is locked for the run (checkpoint.WorkdirLock); resuming a workdir whose config.json differs
-    from `config` stops before anything is touched (ConfigMismatchError, check_resumable)."""
+    from `config` stops before anything is touched (ConfigMismatchError, check_resumable). val_targets: the
+    verification sets load_val_targets(config) returns, when the caller already holds them (the suite loads them
+    once for all its runs); None loads them here."""
     check_local_paths(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     init_distributed(config.distributed)
     with ckpt_lib.WorkdirLock(workdir):
         check_resumable(config, workdir)
-        return _train_and_evaluate(config, workdir)
+        return _train_and_evaluate(config, workdir, val_targets)
 
 
 class ConfigMismatchError(ValueError):
@@ -685,7 +688,8 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
             f"({back}); to train with the new config, give another --workdir.")
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        val_targets: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]) -> Dict[str, Any]:
     from clu import metric_writers  # imported here: tensorboard is slow to import
 
     mesh = make_mesh(config.mesh.model_parallelism)
@@ -727,7 +731,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     start_step = int(state.step)
 
     teacher_variables = load_teacher(run, teacher_cache)
-    val_targets = load_val_targets(config) if config.data.val_targets else {}
+    if val_targets is None:
+        val_targets = load_val_targets(config) if config.data.val_targets else {}
     # One apply function for the run: evaluate's jitted embed is cached on it, so periodic evaluations compile once.
     eval_apply = _eval_apply(student)
 

@@ -70,11 +70,19 @@ def test_suite_config_gives_every_model_the_same_data_budget_and_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_teacher_suite_at_toy_size_aggregates_seeds_and_has_the_label_free_row(tmp_path, one_device):
+def test_teacher_suite_at_toy_size_aggregates_seeds_and_has_the_label_free_row(tmp_path, one_device,
+                                                                                monkeypatch):
     """The real-teacher suite's machinery on a random teacher run and synthetic faces: caches built, every
-    method for 2 seeds, per-seed McNemar against that seed's baseline, the teacher's row, the label-free row."""
+    method for 2 seeds, per-seed McNemar against that seed's baseline, the teacher's row, the label-free row;
+    the verification pairs decoded once for all the runs."""
+    from facekd_jax import train
     from test_teacher_cache import WIDTH, make_teacher_run
 
+    loads = []
+    load_val_targets = train.load_val_targets
+    monkeypatch.setattr(train, "load_val_targets", 
+                        lambda config: loads.append(config.num_train_steps) or load_val_targets(config))
+    monkeypatch.setattr(suite, "_VAL_TARGETS", {})
     make_teacher_run(tmp_path / "teacher")
     toy = {"image_size": 16, "batch_size": 16, "embedding_size": WIDTH, "val_targets": ("synthetic:40",),
            "eval_batch_size": 40}
@@ -98,9 +106,9 @@ def test_teacher_suite_at_toy_size_aggregates_seeds_and_has_the_label_free_row(t
     assert (tmp_path / "w" / "roc_resnet8.png").stat().st_size > 1000
     assert "| label_free_kd |" in (tmp_path / "w" / "summary.md").read_text()
     assert summaries["resnet8"]["pairs"] == 40
+    assert loads.count(2) == 1  # 4 student runs (2 steps each), one decode of the pairs, shared read-only
     # A changed field is not a finished run: --lr on the same workdir stops naming the field, the old run intact;
     # the same config reuses.
-    from facekd_jax import train
     before = (tmp_path / "w" / "resnet8" / "seed0" / "baseline" / "suite_run.json").read_text()
     with pytest.raises(train.ConfigMismatchError, match=r"optimizer.lr: 0.1 -> 0.01"):
         suite.run_teacher_suite(str(tmp_path / "teacher"), str(tmp_path / "w"), log=lambda *_: None,
