@@ -83,10 +83,11 @@ def test_forward_and_both_gradients_equal_xla(n, size, ci, co, k, s, padding, gr
 
 
 @needs_onednn
-def test_bfloat16_matches_xla_to_bfloat16_precision():
+@pytest.mark.parametrize("groups", [1, 16])
+def test_bfloat16_matches_xla_to_bfloat16_precision(groups):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 14, 14, 16), dtype=np.float32))
-    w = jnp.asarray(rng.standard_normal((3, 3, 16, 16), dtype=np.float32) * 0.2)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16 // groups, 16), dtype=np.float32) * 0.2)
     pad = ((1, 1), (1, 1))
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     y, vjp = jax.vjp(lambda x, w: onednn_conv.conv2d(x, w, (1, 1), pad), xb, wb)
