@@ -444,6 +444,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--scale", type=float, default=None, help="margin-head scale s for every model")
     args = parser.parse_args(argv)
+    if "://" in args.workdir:
+        parser.error(f"--workdir={args.workdir}: the suite's workdir must be a local folder (its runs, caches and "
+                     "summary live there); a single run of facekd_jax.main takes gs:// workdirs")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from facekd_jax import logs
     for handler in logging.getLogger().handlers:

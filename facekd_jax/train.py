@@ -33,6 +33,7 @@ from facekd_jax import data as data_lib
 from facekd_jax import evaluate as eval_lib
 from facekd_jax import losses
 from facekd_jax import models
+from facekd_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -468,11 +469,11 @@ def load_teacher(run: Setup, cache=None) -> Dict[str, PyTree]:
                                  f"identities, the training data has {run.num_classes}")
             out["params"] = {"head": {"kernel": _shard_centres(centres, run)}}
         return out
-    workdir = config.teacher.workdir
-    if not workdir:
+    if not config.teacher.workdir:
         raise ValueError("this config distils (config.kd has KD terms) but config.teacher.workdir is empty: "
                          "train a teacher first (configs/teacher_resnet18.py) and pass "
                          "--config.teacher.workdir=THAT_WORKDIR, or give --config.teacher.cache=DIR")
+    workdir = paths.local_dir(config.teacher.workdir)  # a URL: its local copy (facekd_jax.paths)
     abstract: Dict[str, PyTree] = {"params": {}}
     if run.teacher is not None:
         shapes = replicated_abstract_variables(run.teacher, None, teacher_image_size(config),
@@ -607,11 +608,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     verification sets load_val_targets(config) returns, when the caller already holds them (the suite loads them
     once for all its runs); None loads them here."""
     check_local_paths(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
     init_distributed(config.distributed)
+    if paths.is_url(workdir):  # mirrored in a local folder, pushed after every checkpoint (facekd_jax.paths)
+        _single_host_for_url(workdir)
+        with paths.RemoteWorkdir(workdir) as stage:
+            try:
+                check_resumable(config, stage.local)
+            except ConfigMismatchError as e:  # name the URL the user gave, not the mirror
+                raise ConfigMismatchError(str(e).replace(stage.local, workdir)) from None
+            return _train_and_evaluate(config, stage.local, val_targets, sync=stage.push)
+    os.makedirs(workdir, exist_ok=True)
     with ckpt_lib.WorkdirLock(workdir):
         check_resumable(config, workdir)
         return _train_and_evaluate(config, workdir, val_targets)
+
+
+def _single_host_for_url(workdir: str) -> None:
+    if jax.process_count() > 1:
+        raise NonLocalPathError(
+            f"--workdir={workdir}: a multi-host run writes its checkpoint shards from every host, so its workdir "
+            "must be one folder all hosts see: mount the bucket (gcsfuse) and give the mounted path")
 
 
 class ConfigMismatchError(ValueError):
@@ -619,22 +635,24 @@ class ConfigMismatchError(ValueError):
 
 
 class NonLocalPathError(ValueError):
-    """A path with a URL scheme (gs://, s3://, ...): the workdir lock, config.json, caches and readers use the
-    local filesystem, so such a path would become a local folder named "gs:"."""
+    """A URL (gs://, s3://, ...) where the package reads in place: data and teacher caches (the workdir and the
+    teacher's workdir may be URLs, facekd_jax.paths)."""
 
 
 def check_local_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raises NonLocalPathError naming the field and the way out when the workdir, the teacher's paths or a data
-    spec is a URL (nothing is created). A bucket mounted with gcsfuse (or Colab's Drive) is a local path."""
-    fields = {"--workdir": workdir, "config.teacher.workdir": config.teacher.workdir,
-              "config.teacher.cache": config.teacher.cache, "config.data.root": config.data.root,
+    """Raises NonLocalPathError naming the field and the way out when a data spec or the teacher cache is a URL
+    (nothing is created): they are read in place (tf.data from local files, a memory-mapped cache). The workdir
+    and teacher.workdir may be URLs (mirrored, facekd_jax.paths)."""
+    fields = {"config.teacher.cache": config.teacher.cache, "config.data.root": config.data.root,
               "config.data.train": config.data.train}
     fields.update({f"config.data.val_targets[{i}]": v for i, v in enumerate(config.data.val_targets)})
     for field, value in fields.items():
         if "://" in str(value or ""):
             raise NonLocalPathError(
-                f"{field}={value}: only local paths are supported (cloud URLs are not yet); mount the bucket "
-                "(gcsfuse gs://BUCKET /mnt/BUCKET, or Drive on Colab) and give the mounted path")
+                f"{field}={value}: data and teacher caches are read in place and must be local paths (the "
+                "workdir and teacher.workdir may be gs:// URLs); copy them to this machine's disk (gsutil -m cp "
+                "-r), or mount the bucket (gcsfuse gs://BUCKET /mnt/BUCKET, or Drive on Colab) and give the "
+                "mounted path")
 
 
 # Fields a resumed run may change: how long, how often, where it evaluates, how it runs. Every other field
@@ -689,7 +707,10 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        val_targets: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]) -> Dict[str, Any]:
+                        val_targets: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]],
+                        sync: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
+    """The run in the local folder `workdir`; `sync` (a URL workdir's push) is called once each checkpoint or
+    evaluation result is complete on disk."""
     from clu import metric_writers  # imported here: tensorboard is slow to import
 
     mesh = make_mesh(config.mesh.model_parallelism)
@@ -751,6 +772,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return {"step": step, "data_position": step * config.batch_size, "config": config.to_dict(),
                 "metrics": last_metrics, "num_classes": num_classes, "time": time.time()}
 
+    def synced() -> None:
+        if sync is not None:
+            ckpt.wait()
+            writer.flush()
+            sync()
+
     def run_eval(step) -> Dict[str, Any]:
         variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
         results = eval_lib.evaluate_targets(eval_apply, variables, val_targets, step=step,
@@ -793,10 +820,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 if step % config.checkpoint_every_steps == 0 or step == num_train_steps:
                     _check_finite(step, metrics, config)
                     ckpt.save(step, state.as_dict(), meta_for(step, last_metrics))
+                    synced()
                 if preemption.requested:
                     _check_finite(step, metrics, config)
                     ckpt.save(step, state.as_dict(), meta_for(step, last_metrics), force=True)
                     ckpt.wait()
+                    synced()
                     log.warning("preempted: checkpoint of step %d saved in %s", step, ckpt.directory)
                     return {"step": step, "preempted": True, "metrics": last_metrics}
             if pending is not None:
@@ -807,6 +836,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 ckpt.save_best(step, state.as_dict(), meta_for(step, last_metrics), _best_metrics(eval_results))
             if val_targets and process_index == 0:
                 eval_lib.write_results(os.path.join(workdir, "eval"), eval_results, step=step)
+            synced()
         finally:
             ckpt.close()
             writer.flush()
@@ -874,6 +904,10 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: 
     The architecture comes from the run (`trained_architecture`); the verification sets from `config`.
     """
     check_local_paths(config, workdir)
+    if paths.is_url(workdir):  # a local copy, then the eval files pushed back (no lock: training may go on)
+        _single_host_for_url(workdir)
+        with paths.RemoteWorkdir(workdir, local=paths.staging_dir(workdir) + "-eval", lock=False) as stage:
+            return evaluate_workdir(config, stage.local, which=which)
     config = trained_architecture(config, workdir)
     mesh = make_mesh(1)
     student = build_student(config)

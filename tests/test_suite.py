@@ -49,6 +49,13 @@ def test_suite_rejects_unknown_runs_and_missing_verification_sets(tmp_path):
         suite.suite_config("baseline_resnet56", data="folder:/x", workdir=str(tmp_path), steps=1, overrides={})
 
 
+def test_suite_refuses_a_url_workdir_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        suite.main(["--workdir=gs://bucket/suite"])
+    assert "must be a local folder" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 def test_suite_config_gives_every_model_the_same_data_budget_and_head(tmp_path):
     configs = {name: suite.suite_config(module, data="lfw:/data/lfw", workdir=str(tmp_path), steps=None,
                                         overrides={"scale": None, "lr": 0.2})

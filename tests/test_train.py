@@ -330,17 +330,17 @@ def test_a_config_file_outside_the_repository_trains_from_another_directory(tmp_
     assert "Traceback" not in proc.stderr and not (tmp_path / "w2").exists()
 
 
-@pytest.mark.parametrize("field", ["workdir", "teacher.workdir", "data.train"])
-def test_a_cloud_url_stops_the_run_naming_the_field_and_creates_nothing(field, tmp_path, monkeypatch):
-    """gs:// used to become a local folder `gs:` holding the checkpoints; now it is refused before anything is
-    written, naming the field."""
+@pytest.mark.parametrize("field", ["teacher.cache", "data.train"])
+def test_a_cloud_url_for_data_or_a_cache_stops_the_run_naming_the_field_and_creates_nothing(field, tmp_path,
+                                                                                           monkeypatch):
+    """Data and teacher caches are read in place: a gs:// one is refused before anything is written, naming the
+    field (gs:// used to become a local folder `gs:`). Workdirs may be URLs: tests/test_paths.py."""
     monkeypatch.chdir(tmp_path)
     config = tiny_config("feature_kd", **{"teacher.model": "resnet8"})
-    workdir = "gs://bucket/run" if field == "workdir" else str(tmp_path / "run")
-    if field == "teacher.workdir":
-        config.teacher.workdir = "gs://bucket/teacher"
+    if field == "teacher.cache":
+        config.teacher.cache = "gs://bucket/cache"
     elif field == "data.train":
         config.data.train = "recordio:gs://bucket/faces"
     with pytest.raises(train.NonLocalPathError, match=field.replace(".", r"\.") + "=.*gs://bucket"):
-        train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, str(tmp_path / "run"))
     assert list(tmp_path.iterdir()) == []

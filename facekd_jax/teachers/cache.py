@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from facekd_jax import paths
 from facekd_jax.teachers.imported import write_json
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,9 @@ class TeacherCache:
                                          f"the cache, {want[key]!r} for --config.data.train={spec}; build a cache "
                                          "for this data")
         teacher = self.header["teacher"]
-        if teacher_workdir and os.path.abspath(teacher_workdir) != teacher["workdir"]:
+        if teacher_workdir and paths.canonical(teacher_workdir) != teacher["workdir"]:
             raise CacheMismatchError(f"{where} was built from teacher {teacher['workdir']}, the config's "
-                                     f"teacher.workdir is {os.path.abspath(teacher_workdir)}")
+                                     f"teacher.workdir is {paths.canonical(teacher_workdir)}")
         if teacher_model and teacher_model != teacher["model"]:
             raise CacheMismatchError(f"{where} was built with teacher model {teacher['model']!r}, the config says "
                                      f"teacher.model={teacher_model!r}")
@@ -200,7 +201,8 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
     from facekd_jax.data import sources as sources_lib
     from facekd_jax.teachers.imported import read_teacher_run
 
-    run = read_teacher_run(teacher_workdir)
+    local = paths.local_dir(teacher_workdir)  # a URL: its local copy
+    run = read_teacher_run(local)
     size = run.image_size
     source = sources_lib.open_source(spec, image_size=size)
     if not isinstance(source, sources_lib.IndexedSource):
@@ -215,12 +217,12 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
                                                   abstract["params"])},
               "batch_stats": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                                           abstract.get("batch_stats", {}))}
-    variables, _ = ckpt_lib.restore_variables(teacher_workdir, target, which=checkpoint)
+    variables, _ = ckpt_lib.restore_variables(local, target, which=checkpoint)
     variables = {"params": variables["params"]["backbone"], "batch_stats": variables.get("batch_stats", {})}
 
     n, e = source.num_images, run.embedding_size
     header = {"format": FORMAT, "version": VERSION,
-              "teacher": {"workdir": run.workdir, "model": run.model, "image_size": size,
+              "teacher": {"workdir": paths.canonical(teacher_workdir), "model": run.model, "image_size": size,
                           "fingerprint": weights_fingerprint(variables["params"]), "checkpoint": checkpoint},
               "data": data_identity(spec, source), "source": source.description,
               "crop": list(crop) if crop else None, "embedding_size": e, "flips": ["image", "mirror"],
