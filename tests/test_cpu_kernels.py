@@ -44,8 +44,9 @@ def _reference(x, w, strides, padding):
 
 # (batch, size, in, out, kernel, stride, padding, groups): resnet's 3x3 blocks, a stride-2 3x3 on an odd size, the
 # 1x1 stride-2 shortcut, the ImageNet 7x7 stem, asymmetric padding and a non-square image; MobileFaceNet's
-# depthwise 3x3 (stride 1 and 2) and its global depthwise 3x3 over a 3x3 map (48x48 input, no padding); a
-# grouped convolution with 2 input and 3 output channels per group (XLA's HWIO output blocks per group).
+# depthwise 3x3 (stride 1, stride 2 on odd and even sizes) and its global depthwise 3x3 over a 3x3 map (48x48
+# input, no padding); a grouped convolution with 2 input and 3 output channels per group (XLA's HWIO output
+# blocks per group).
 GEOMETRIES = [
     (2, (12, 12), 16, 16, 3, 1, ((1, 1), (1, 1)), 1),
     (3, (15, 15), 8, 16, 3, 2, ((1, 1), (1, 1)), 1),
@@ -54,6 +55,7 @@ GEOMETRIES = [
     (1, (9, 11), 5, 7, 3, 1, ((0, 1), (2, 0)), 1),
     (4, (12, 12), 24, 24, 3, 1, ((1, 1), (1, 1)), 24),
     (3, (13, 13), 16, 16, 3, 2, ((1, 1), (1, 1)), 16),
+    (2, (12, 12), 32, 32, 3, 2, ((1, 1), (1, 1)), 32),
     (5, (3, 3), 40, 40, 3, 1, ((0, 0), (0, 0)), 40),
     (2, (9, 9), 8, 12, 3, 1, ((1, 1), (1, 1)), 4),
 ]
