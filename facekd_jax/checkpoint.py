@@ -330,7 +330,8 @@ class WorkdirLock:
     The file holds the owner's host, pid and start time. A lock whose owner is on this host and no longer runs
     is stale (a crashed or killed run): it is taken over, with a log line. A live owner, or one on another host
     (which this process cannot check), is a WorkdirLockedError naming it and the way out. Only process 0 of a
-    multi-host run takes the lock. Use as a context manager; the lock is released on exit.
+    multi-host run takes the lock. Use as a context manager; the lock is released on exit. (A gs:// workdir's
+    lock is an object in the bucket with the same fields: facekd_jax.paths.RemoteWorkdir.)
     """
 
     def __init__(self, workdir: str):
