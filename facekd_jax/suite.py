@@ -444,7 +444,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--scale", type=float, default=None, help="margin-head scale s for every model")
     args = parser.parse_args(argv)
-    if "://" in args.workdir:
+    from facekd_jax import paths
+    if paths.is_url(args.workdir):
         parser.error(f"--workdir={args.workdir}: the suite's workdir must be a local folder (its runs, caches and "
                      "summary live there); a single run of facekd_jax.main takes gs:// workdirs")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
