@@ -910,7 +910,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: 
             return evaluate_workdir(config, stage.local, which=which)
     config = trained_architecture(config, workdir)
     mesh = make_mesh(1)
-    student = build_student(config)
+    student = build_student(config, model_layers(config, mesh))  # the run's kernels (XLA:CPU's depthwise is slow)
     abstract = replicated_abstract_variables(student, None, config.data.image_size, config.embedding_size, mesh)
     variables, meta = ckpt_lib.restore_variables(workdir, abstract, which=which)
     step = int(meta.get("step", 0))
