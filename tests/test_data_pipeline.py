@@ -92,12 +92,17 @@ def identify(img, grey):
     return name
 
 
-def test_folder_greyscale_non_square_stray_and_corrupt(people, caplog):
+# Both ways to get pixels of an indexed source: decoded on every step, and decoded once into memory.
+DECODING = {"every_step": dict(decode_once_max_bytes=0), "once": {}}
+
+
+@pytest.mark.parametrize("decoding", DECODING)
+def test_folder_greyscale_non_square_stray_and_corrupt(people, caplog, decoding):
     root, grey = people
     before = corrupt_skipped()
     caplog.set_level(logging.WARNING)
     batches, info = make_train_dataset(f"folder:{root}", batch_size=4, image_size=SIZE, augment=False,
-                                       **ONE_PROCESS)
+                                       **ONE_PROCESS, **DECODING[decoding])
     assert info["num_classes"] == 2 and info["num_images"] == 6 and not info["synthetic"]
     seen = []
     for batch in take(batches, 3):  # 12 examples = 2 epochs of the 6 listed files
@@ -112,18 +117,49 @@ def test_folder_greyscale_non_square_stray_and_corrupt(people, caplog):
     counts = {n: seen.count(n) for n in set(seen)}
     assert counts == {"a1.pgm": 4, "a2.png": 2, "a3.jpg": 2, "b1.jpg": 2, "b2.jpg": 2}
     bad = str(root / "bob" / "b3.jpg")
-    assert corrupt_skipped() - before >= 2  # each encounter counts (prefetching may have met it again)
+    # Decoding every step counts each encounter (prefetching may have met it again); decoding once, once.
+    assert corrupt_skipped() - before == 1 if decoding == "once" else corrupt_skipped() - before >= 2
     assert set(images_lib.CORRUPT.names[before:]) == {bad}
     assert any(bad in r.getMessage() for r in caplog.records)
 
 
-def test_folder_resume_with_a_corrupt_file(people):
+@pytest.mark.parametrize("decoding", DECODING)
+def test_folder_resume_with_a_corrupt_file(people, decoding):
     root, _ = people
     spec = f"folder:{root}"
-    full = take(make_train_dataset(spec, batch_size=4, image_size=SIZE, seed=5, **ONE_PROCESS)[0], 5)
-    tail = take(make_train_dataset(spec, batch_size=4, image_size=SIZE, seed=5, start_step=2,
-                                   **ONE_PROCESS)[0], 3)
+    kw = dict(batch_size=4, image_size=SIZE, seed=5, **ONE_PROCESS, **DECODING[decoding])
+    full = take(make_train_dataset(spec, **kw)[0], 5)
+    tail = take(make_train_dataset(spec, start_step=2, **kw)[0], 3)
     assert_equal_batches(full[2:], tail)
+
+
+def test_decoding_once_gives_the_batches_of_decoding_every_step_and_decodes_once(people, monkeypatch):
+    """Same images, labels, flips and teacher rows (a corrupt file's replacement brings its own label and teacher
+    row); a second pipeline over the same data in the process decodes nothing."""
+    from facekd_jax.data import pipeline
+
+    root, _ = people
+    spec = f"folder:{root}"
+    teacher = np.random.default_rng(0).normal(size=(6, 2, 5)).astype(np.float32)
+    kw = dict(batch_size=4, image_size=SIZE, seed=2, start_step=1, teacher_embeddings=teacher, **ONE_PROCESS)
+    every = take(make_train_dataset(spec, decode_once_max_bytes=0, **kw)[0], 6)
+    traced = []
+    decode = images_lib.decode_image_tf
+    monkeypatch.setattr(images_lib, "decode_image_tf", lambda *a, **k: traced.append(1) or decode(*a, **k))
+    once = take(make_train_dataset(spec, **kw)[0], 6)
+    assert traced, "the first pipeline decodes"
+    for a, b in zip(every, once):
+        assert set(a) == set(b) == {"image", "label", "teacher_embedding"}
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    traced.clear()
+    again = take(make_train_dataset(spec, **kw)[0], 6)
+    assert not traced, "decoded again"
+    assert_equal_batches(once, again)
+    # Too large for the limit: decoded every step, as before.
+    assert pipeline.DECODE_ONCE_MAX_BYTES >= 6 * SIZE * SIZE * 3
+    make_train_dataset(spec, decode_once_max_bytes=6 * SIZE * SIZE * 3 - 1, **kw)
+    assert traced
 
 
 def test_folder_crop_box(tmp_path):
@@ -408,13 +444,15 @@ def test_bad_specs(tmp_path):
         make_train_dataset(f"tfrecord:{tmp_path}/*.none", batch_size=2, **ONE_PROCESS)
 
 
-def test_interpreter_exits_with_a_live_python_calling_pipeline(people):
-    """A pipeline that calls Python (Pillow for PGM) must not hang at exit with its iterator still alive."""
+@pytest.mark.parametrize("decoding", DECODING)
+def test_interpreter_exits_with_a_live_python_calling_pipeline(people, decoding):
+    """A pipeline that calls Python (Pillow for PGM; the gather from decoded images) must not hang at exit with
+    its iterator still alive."""
     root, _ = people
     code = textwrap.dedent(f"""
         from facekd_jax.data import make_train_dataset
         batches, _ = make_train_dataset("folder:{root}", batch_size=4, image_size=16, process_index=0,
-                                        process_count=1)
+                                        process_count=1, **{DECODING[decoding]!r})
         next(batches)
         print("ok")
     """)
@@ -434,7 +472,8 @@ def corrupt_body_jpeg():
     return bytes(data)
 
 
-def test_images_tensorflow_cannot_decode_are_skipped_named_once_and_never_hang(tmp_path):
+@pytest.mark.parametrize("decoding", DECODING)
+def test_images_tensorflow_cannot_decode_are_skipped_named_once_and_never_hang(tmp_path, decoding):
     """A corrupt-body JPEG and a truncated PNG (headers intact) in a folder: every batch is full, each bad file is
     named once over several epochs, and training through main finishes (no hang at exit)."""
     root = tmp_path / "faces"
@@ -449,7 +488,7 @@ def test_images_tensorflow_cannot_decode_are_skipped_named_once_and_never_hang(t
         tf.io.decode_image(corrupt_body_jpeg(), channels=3)
     before = len(images_lib.CORRUPT.names)
     batches, info = make_train_dataset(f"folder:{root}", batch_size=4, image_size=SIZE, augment=False,
-                                       **ONE_PROCESS)
+                                       **ONE_PROCESS, **DECODING[decoding])
     assert info["num_images"] == 10
     for batch in take(batches, 10):  # 40 examples: 4 epochs
         assert batch["image"].shape == (4, SIZE, SIZE, 3)
@@ -458,6 +497,8 @@ def test_images_tensorflow_cannot_decode_are_skipped_named_once_and_never_hang(t
     batches.close()
     named = images_lib.CORRUPT.names[before:]
     assert sorted(named) == sorted([str(root / "ann" / "ann_bad.jpg"), str(root / "bob" / "bob_bad.png")]), named
+    if decoding != "once":
+        return  # the command line below decodes a set this small once
     # The same data through the command line: it trains, evaluates and exits (bounded by the timeout).
     from runs import run_main
     proc = run_main("configs/baseline_resnet56.py", tmp_path / "run",

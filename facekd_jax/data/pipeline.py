@@ -18,6 +18,11 @@ the pipeline at the same step with it marked as corrupt. The replacement
 depends only on the index, so batches keep their size and exact resume still holds. (Only when
 MAX_REPLACEMENTS consecutive images are all corrupt is the example dropped, which shifts later batches.)
 
+Small indexed sources (at most DECODE_ONCE_MAX_BYTES of decoded pixels, e.g. LFW's 9,525 images at 48x48:
+65 MB) are decoded once per process into memory, and every later batch (of this run and of later runs in the same
+process, as the suite's) is a gather from that array: the same pixels, the same replacement of corrupt images,
+the same batches, without JPEG decoding competing with the train step for the host's cores on every step.
+
 Streaming sources (tfrecord, tfds) are read in a seeded order: files shuffled per epoch, a seeded shuffle
 buffer, per-process file shards (tfds.split_for_jax_process for TFDS). `start_step=k` skips k*B records of
 that deterministic order before any decoding. A corrupt record there is dropped, so after one the positions
@@ -30,8 +35,10 @@ takes accelerator memory from JAX.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import math
+import time
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
@@ -53,6 +60,8 @@ MAX_REPLACEMENTS = 32
 THREADPOOL_SIZE = 48
 PREFETCH_BATCHES = 2
 DEFAULT_SHUFFLE_BUFFER = 10_000
+DECODE_ONCE_MAX_BYTES = 1 << 30  # decoded pixels of an indexed source kept in memory (see the module docstring)
+_DECODED_KEPT = 2  # decoded sources kept per process (the suite alternates between two training sets)
 _FLIP_SALT = 0x5EED_F11B
 
 
@@ -296,6 +305,93 @@ def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_s
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+_DECODED: "collections.OrderedDict[tuple, Optional[Tuple[np.ndarray, np.ndarray]]]" = collections.OrderedDict()
+
+
+def decode_once(src: sources_lib.IndexedSource, *, spec: str, image_size: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Every example of `src` decoded once (cached per process on spec, size, crop and count): (images uint8
+    [N, S, S, 3], used int64 [N]), where used[i] is the example the pipeline takes for example i: i itself, or for
+    a corrupt image the next example in index order that decodes (as `_decode_with_replacement`). Each corrupt
+    image is logged by name and counted once. None where some example has no replacement within MAX_REPLACEMENTS
+    (the decoding pipeline then drops it, which this array cannot express)."""
+    key = (spec, int(image_size), src.crop, src.num_images)
+    if key in _DECODED:
+        _DECODED.move_to_end(key)
+        return _DECODED[key]
+    start = time.time()
+    n = src.num_images
+    ds = tf.data.Dataset.range(n)
+    if src.read_batched:
+        ds = ds.batch(256).map(lambda idx: (idx, src.read(idx))).unbatch()
+    else:
+        ds = ds.map(lambda i: (i, src.read(i)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def load(i, encoded):
+        image, ok = images_lib.decode_image_tf(encoded, image_size=image_size, crop=src.crop, name=src.name(i))
+        return i, image, ok
+
+    # An image TensorFlow's decoders fail on (a corrupt JPEG body, a truncated PNG) is dropped here and found below.
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors().batch(256)
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    ok = np.zeros(n, bool)
+    seen = np.zeros(n, bool)
+    for index, image, good in ds.prefetch(2).with_options(dataset_options()).as_numpy_iterator():
+        images[index], ok[index], seen[index] = image, good, True
+    for index in np.flatnonzero(~seen):  # each one decoded alone, to name it (or keep it, had it been transient)
+        i_t = tf.constant(index, tf.int64)
+        try:
+            encoded = src.read(tf.reshape(i_t, (1,)))[0] if src.read_batched else src.read(i_t)
+            image, good = images_lib.decode_image_tf(encoded, image_size=image_size, crop=src.crop, name=src.name(i_t))
+            images[index], ok[index] = image.numpy(), bool(good)
+        except tf.errors.OpError as e:
+            name = bytes(src.name(i_t).numpy()).decode("utf-8", "replace")
+            images_lib.CORRUPT.add(name)
+            log.warning("skipping corrupt image (%d so far): %s: TensorFlow's decoder failed on its bytes (example "
+                        "%d): %s", images_lib.CORRUPT.count, name, index, str(e).splitlines()[0][:200])
+    used = np.arange(n, dtype=np.int64)
+    result: Optional[Tuple[np.ndarray, np.ndarray]] = (images, used)
+    for index in np.flatnonzero(~ok):
+        for k in range(1, MAX_REPLACEMENTS + 1):
+            if ok[(index + k) % n]:
+                used[index] = (index + k) % n
+                break
+        else:
+            result = None
+            log.warning("training data: %d corrupt images in a row from example %d; decoding on every step instead "
+                        "of once", MAX_REPLACEMENTS + 1, index)
+            break
+    if result is not None:
+        log.info("training data decoded once into memory: %d images at %dx%d (%.0f MB, %d corrupt) in %.1f s", n,
+                 image_size, image_size, images.nbytes / 2**20, int((~ok).sum()), time.time() - start)
+    _DECODED[key] = result
+    while len(_DECODED) > _DECODED_KEPT:
+        _DECODED.popitem(last=False)
+    return result
+
+
+def _decoded_dataset(decoded: Tuple[np.ndarray, np.ndarray], labels: np.ndarray, *, batch_size: int, seed: int,
+                     start_step: int, augment: bool, process_index: int, process_count: int,
+                     teacher=None) -> tf.data.Dataset:
+    """The batches of `_indexed_dataset`, gathered from `decode_once`'s arrays instead of decoded."""
+    images, used = decoded
+    n, shape = len(used), (batch_size,) + images.shape[1:]
+    global_batch = batch_size * process_count
+    used_t, labels_t = tf.constant(used), tf.constant(labels, tf.int32)
+    offsets = tf.range(batch_size, dtype=tf.int64) + process_index * batch_size
+
+    def gather(index):
+        return images[index]
+
+    def batch(step):
+        positions = step * global_batch + offsets
+        index = tf.gather(used_t, _example_indices(seed, positions, n))
+        pixels = tf.ensure_shape(tf.numpy_function(gather, [index], tf.uint8, stateful=False), shape)
+        return _finish(pixels, tf.gather(labels_t, index), _coin_flips(seed, positions), augment, index, teacher)
+
+    return tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // max(global_batch, 1)).map(
+        batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def _stream_dataset(src: sources_lib.StreamSource, *, batch_size: int, image_size: int, seed: int,
                     start_step: int, augment: bool, process_index: int, process_count: int,
                     shuffle_buffer: Optional[int]) -> tf.data.Dataset:
@@ -319,7 +415,8 @@ def _stream_dataset(src: sources_lib.StreamSource, *, batch_size: int, image_siz
 def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, seed: int = 0, start_step: int = 0,
                        augment: bool = True, process_index: Optional[int] = None,
                        process_count: Optional[int] = None, shuffle_buffer: Optional[int] = None,
-                       teacher_embeddings: Optional[np.ndarray] = None) -> Tuple[Batches, Dict[str, Any]]:
+                       teacher_embeddings: Optional[np.ndarray] = None,
+                       decode_once_max_bytes: int = DECODE_ONCE_MAX_BYTES) -> Tuple[Batches, Dict[str, Any]]:
     """Training batches for this process.
 
     spec: see facekd_jax.data.sources (synthetic | folder: | lfw: | recordio: | tfrecord: | tfds:).
@@ -331,6 +428,8 @@ def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, see
     teacher_embeddings: float [N, 2, E] indexed by example, [:, 0] of the image and [:, 1] of its mirror (a
       teacher-embedding cache, facekd_jax.teachers.cache; a memory map is read row by row): each batch then also
       has "teacher_embedding" float32 [B, E], the one matching the flip the image got. Indexed sources only.
+    decode_once_max_bytes: an indexed source whose decoded pixels take at most this many bytes is decoded once
+      per process and kept in memory (`decode_once`); the batches are the same either way. 0: decode every step.
     Returns (batches, info): batches an infinite iterator (`Batches`; `.dataset` is the tf.data.Dataset) of
     {"image": float32 [B, S, S, 3] in (x - 127.5) / 127.5, "label": int32 [B]} numpy dicts, deterministic in
     (spec, seed, batch_size, process index and count); info a JSON-friendly dict: num_classes, num_images,
@@ -356,6 +455,13 @@ def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, see
                                  f"{tuple(teacher_embeddings.shape)} for {src.num_images} examples; expected "
                                  f"({src.num_images}, 2, E)")
             teacher = _teacher_gather(teacher_embeddings, augment)
+        decoded = None
+        if src.render is None and src.num_images * image_size * image_size * 3 <= decode_once_max_bytes:
+            decoded = decode_once(src, spec=spec, image_size=image_size)
+        if decoded is not None:
+            ds = _decoded_dataset(decoded, src.labels, teacher=teacher, **{k: v for k, v in kwargs.items()
+                                                                          if k != "image_size"})
+            batches = Batches(ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options()), start_step=start_step)
 
         def build(start: int, skip: frozenset) -> tf.data.Dataset:
             ds = _indexed_dataset(src, teacher=teacher, skip=skip, **dict(kwargs, start_step=start))
@@ -366,8 +472,9 @@ def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, see
                                     process_count=process_count) for t in range(step, step + PREFETCH_BATCHES + 3)]
             return find_undecodable(src, np.concatenate(window), image_size=image_size)
 
-        batches = Batches(build(start_step, frozenset()), rebuild=build, find_undecodable=find,
-                          start_step=start_step)
+        if decoded is None:
+            batches = Batches(build(start_step, frozenset()), rebuild=build, find_undecodable=find,
+                              start_step=start_step)
     else:
         if teacher_embeddings is not None:
             raise ValueError(f"make_train_dataset({spec!r}): cached teacher embeddings need an indexed source "
