@@ -8,6 +8,8 @@ images/s divided by the cores this process may run on (os.sched_getaffinity). Al
 CPU-second of this process (user + system, all threads), which stays meaningful on a machine shared with other
 jobs. The last line is `images_per_second_per_core=<float>` for the first spec measured (LFW when present).
 Goal: >= 2,500 images/s per core, so that 8 cores feed one accelerator at 20k images/s.
+Measured: the pipeline that decodes on every step (what sets too large to keep decoded in memory use);
+`--decode-once` measures the gather from a set decoded once into memory (the default for small sets) instead.
 """
 from __future__ import annotations
 
@@ -25,12 +27,14 @@ sys.path.insert(0, str(REPO))
 LFW_DIR = REPO.parent / "shared" / "data" / "lfw"
 
 
-def measure(spec: str, *, image_size: int, batch_size: int, seconds: float, warmup_batches: int) -> dict:
+def measure(spec: str, *, image_size: int, batch_size: int, seconds: float, warmup_batches: int,
+            decode_once: bool = False) -> dict:
     """Runs the training pipeline of `spec` for about `seconds` after warm-up; returns the figures."""
-    from facekd_jax.data import make_train_dataset
+    from facekd_jax.data import make_train_dataset, pipeline
 
     batches, info = make_train_dataset(spec, batch_size=batch_size, image_size=image_size, seed=0,
-                                       process_index=0, process_count=1)
+                                       process_index=0, process_count=1,
+                                       decode_once_max_bytes=pipeline.DECODE_ONCE_MAX_BYTES if decode_once else 0)
     for _ in range(warmup_batches):
         next(batches)
     n = 0
@@ -58,12 +62,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per spec, after warm-up")
     parser.add_argument("--warmup-batches", type=int, default=10)
+    parser.add_argument("--decode-once", action="store_true", help="small sets decoded once into memory, as "
+                        "training does (default: decoded on every step, as large sets are)")
     args = parser.parse_args(argv)
     specs = args.spec or ([f"lfw:{LFW_DIR}"] if (LFW_DIR / "peopleDevTrain.txt").exists() else []) + ["synthetic"]
     results = []
     for spec in specs:
         r = measure(spec, image_size=args.image_size, batch_size=args.batch_size, seconds=args.seconds,
-                    warmup_batches=args.warmup_batches)
+                    warmup_batches=args.warmup_batches, decode_once=args.decode_once)
         results.append(r)
         print(f"{r['spec']}: {r['source']}")
         print(f"  {r['images']} images in {r['seconds']:.1f} s at {args.image_size}x{args.image_size}, batch "

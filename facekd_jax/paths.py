@@ -11,8 +11,9 @@ eval files always work on a local folder. A run's workdir given as a URL is *mir
   the newest checkpoint and goes on.
 - `local_dir(url)` pulls a read-only run (a teacher's workdir) once and returns the local copy.
 
-Data (`config.data.*`) and memory-mapped teacher caches (`config.teacher.cache`) are read where they lie and must
-be local paths (`train.check_local_paths`); copy them to the VM's disk (or mount the bucket with gcsfuse).
+Data read with Python's file functions (folders, LFW, RecordIO, verification sets) and memory-mapped teacher
+caches (`config.teacher.cache`) are read where they lie and must be local paths (`train.check_local_paths`); copy
+them to the VM's disk (or mount the bucket with gcsfuse). TFRecord data is read by TensorFlow and may be a URL.
 
 The URL side is `etils.epath.Path` (Orbax's own path layer): gs:// through tf.io.gfile (TensorFlow is a core
 dependency) or gcsfs, s3:// through fsspec. The bucket lock is advisory: an object store has no exclusive
@@ -25,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -54,12 +56,17 @@ def epath(url: str):
     return epath_lib.Path(url)
 
 
+def cache_dir() -> pathlib.Path:
+    """The package's cache folder: $FACEKD_CACHE_DIR, default ~/.cache/facekd_jax (workdir mirrors here, the
+    [cpu] extra's compiled kernels)."""
+    return pathlib.Path(os.environ.get("FACEKD_CACHE_DIR") or pathlib.Path.home() / ".cache" / "facekd_jax")
+
+
 def staging_dir(url: str) -> str:
     """The local folder that mirrors `url` ($FACEKD_CACHE_DIR/workdirs/<readable name>-<hash>)."""
-    from facekd_jax.cpu import native_build  # the package's cache folder; no JAX import there
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(url).split("://", 1)[1]).strip("_")[-60:]
     digest = hashlib.sha256(str(url).encode()).hexdigest()[:10]
-    return str(native_build.cache_dir() / "workdirs" / f"{name}-{digest}")
+    return str(cache_dir() / "workdirs" / f"{name}-{digest}")
 
 
 def _remote_files(root) -> Iterator[Tuple[str, object]]:

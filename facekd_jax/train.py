@@ -607,7 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     from `config` stops before anything is touched (ConfigMismatchError, check_resumable). val_targets: the
     verification sets load_val_targets(config) returns, when the caller already holds them (the suite loads them
     once for all its runs); None loads them here."""
-    check_local_paths(config, workdir)
+    check_local_paths(config)
     init_distributed(config.distributed)
     if paths.is_url(workdir):  # mirrored in a local folder, pushed after every checkpoint (facekd_jax.paths)
         _single_host_for_url(workdir)
@@ -639,20 +639,25 @@ class NonLocalPathError(ValueError):
     teacher's workdir may be URLs, facekd_jax.paths)."""
 
 
-def check_local_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_local_paths(config: ml_collections.ConfigDict) -> None:
     """Raises NonLocalPathError naming the field and the way out when a data spec or the teacher cache is a URL
-    (nothing is created): they are read in place (tf.data from local files, a memory-mapped cache). The workdir
-    and teacher.workdir may be URLs (mirrored, facekd_jax.paths)."""
-    fields = {"config.teacher.cache": config.teacher.cache, "config.data.root": config.data.root,
-              "config.data.train": config.data.train}
-    fields.update({f"config.data.val_targets[{i}]": v for i, v in enumerate(config.data.val_targets)})
+    that is read with Python's file functions (nothing is created): folders, LFW, RecordIO, verification sets, the
+    memory-mapped cache. TFRecord training data is read by TensorFlow's file systems and may be a URL
+    (`tfrecord:gs://BUCKET/faces/*.tfrecord`), as may TFDS's data_dir (TFDS_DATA_DIR) for `tfds:NAME`. The
+    workdir and teacher.workdir may be URLs (mirrored, facekd_jax.paths)."""
+    fields = {"config.teacher.cache": config.teacher.cache}
+    train_spec = resolve_spec(str(config.data.train or ""), config)
+    if not train_spec.startswith("tfrecord:"):
+        fields["config.data.train"] = train_spec
+    fields.update({f"config.data.val_targets[{i}]": resolve_spec(v, config)
+                   for i, v in enumerate(config.data.val_targets)})
     for field, value in fields.items():
         if "://" in str(value or ""):
             raise NonLocalPathError(
-                f"{field}={value}: data and teacher caches are read in place and must be local paths (the "
-                "workdir and teacher.workdir may be gs:// URLs); copy them to this machine's disk (gsutil -m cp "
-                "-r), or mount the bucket (gcsfuse gs://BUCKET /mnt/BUCKET, or Drive on Colab) and give the "
-                "mounted path")
+                f"{field}={value}: this data (or teacher cache) is read in place with Python's file functions and "
+                "must be a local path (TFRecord training data, the workdir and teacher.workdir may be gs:// URLs); "
+                "copy it to this machine's disk (gsutil -m cp -r), or mount the bucket (gcsfuse gs://BUCKET "
+                "/mnt/BUCKET, or Drive on Colab) and give the mounted path")
 
 
 # Fields a resumed run may change: how long, how often, where it evaluates, how it runs. Every other field
@@ -903,7 +908,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: 
 
     The architecture comes from the run (`trained_architecture`); the verification sets from `config`.
     """
-    check_local_paths(config, workdir)
+    check_local_paths(config)
     if paths.is_url(workdir):  # a local copy, then the eval files pushed back (no lock: training may go on)
         _single_host_for_url(workdir)
         with paths.RemoteWorkdir(workdir, local=paths.staging_dir(workdir) + "-eval", lock=False) as stage:

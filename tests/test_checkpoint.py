@@ -43,7 +43,11 @@ def _assert_same_params(a, b):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical_to_uninterrupted(tmp_path):
-    run_main("configs/baseline_resnet56.py:smoke", tmp_path / "straight", dict(LONG, debug_step_sleep=0.0))
+    # The uninterrupted run goes on beside the one that is killed (each mostly waits or compiles).
+    straight = subprocess.Popen(main_command("configs/baseline_resnet56.py:smoke", tmp_path / "straight",
+                                             dict(LONG, debug_step_sleep=0.0)),
+                                cwd=REPO, env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(main_command("configs/baseline_resnet56.py:smoke", workdir, LONG), cwd=REPO,
                             env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -51,9 +55,12 @@ def test_sigkill_then_resume_is_bit_identical_to_uninterrupted(tmp_path):
         assert _wait_for(lambda: 6 in _finished_steps(workdir), proc), "no checkpoint at step 6 appeared"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        _, err = straight.communicate(timeout=300)
+        assert straight.returncode == 0, err[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, straight):
+            if p.poll() is None:
+                p.kill()
     assert max(_finished_steps(workdir)) < 12, "the run finished before it was killed"
     out = run_main("configs/baseline_resnet56.py:smoke", workdir, dict(LONG, debug_step_sleep=0.0))
     assert "resumed from step" in out.stderr

@@ -332,6 +332,34 @@ def test_tfrecord_source_keys_corrupt_and_determinism(tmp_path, caplog):
     assert_equal_batches(got, again)
 
 
+def test_tfrecord_data_in_a_bucket_is_read_through_tensorflows_file_systems(tmp_path):
+    """tfrecord:URL specs pass the local-path check and train from the URL; TensorFlow's in-memory ram:// file
+    system stands in for gs:// (both go through tf.io.gfile)."""
+    from facekd_jax import train
+    from runs import tiny_config
+
+    bucket = f"ram://bucket-{tmp_path.name}/faces"
+    tf.io.gfile.makedirs(bucket)
+    items = colour_items()
+    write_tfrecord(f"{bucket}/a.tfrecord", items[:6])
+    write_tfrecord(f"{bucket}/b.tfrecord", items[6:])
+    config = tiny_config("baseline_resnet56")
+    config.data.root = bucket
+    config.data.train = "tfrecord:{root}/*.tfrecord"
+    train.check_local_paths(config)  # no NonLocalPathError
+    spec = train.resolve_spec(config.data.train, config)
+    batches, info = make_train_dataset(spec, batch_size=4, image_size=SIZE, shuffle_buffer=8, **ONE_PROCESS)
+    assert info["num_images"] == 12 and info["num_classes"] == 4 and bucket in info["source"]
+    seen = set()
+    for batch in take(batches, 3):  # one epoch
+        assert_colours_match_labels(batch)
+        seen.update(batch["label"].tolist())
+    assert seen == {0, 1, 2, 3}
+    config.data.train = "recordio:{root}"  # read with Python's file functions: refused, naming the field
+    with pytest.raises(train.NonLocalPathError, match=r"config\.data\.train=recordio:ram://"):
+        train.check_local_paths(config)
+
+
 def test_tfrecord_resume(tmp_path):
     grey = [(encode(solid((10 * i,) * 3), "PNG"), i % 3) for i in range(20)]
     write_tfrecord(tmp_path / "x.tfrecord", grey[:10])

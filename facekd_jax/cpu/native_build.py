@@ -12,13 +12,11 @@ import subprocess
 import tempfile
 from typing import Iterable, Sequence
 
+from facekd_jax.paths import cache_dir  # pure Python, no JAX import
+
 
 class BuildError(RuntimeError):
     """A native piece could not be built (the message names the source, the command and the compiler's words)."""
-
-
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("FACEKD_CACHE_DIR") or pathlib.Path.home() / ".cache" / "facekd_jax")
 
 
 def build_shared_library(source: pathlib.Path, cmd: Sequence[str], key_parts: Iterable[str] = (),
