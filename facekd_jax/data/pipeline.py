@@ -308,7 +308,8 @@ def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_s
 _DECODED: "collections.OrderedDict[tuple, Optional[Tuple[np.ndarray, np.ndarray]]]" = collections.OrderedDict()
 
 
-def decode_once(src: sources_lib.IndexedSource, *, spec: str, image_size: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def decode_once(src: sources_lib.IndexedSource, *, spec: str,
+                image_size: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Every example of `src` decoded once (cached per process on spec, size, crop and count): (images uint8
     [N, S, S, 3], used int64 [N]), where used[i] is the example the pipeline takes for example i: i itself, or for
     a corrupt image the next example in index order that decodes (as `_decode_with_replacement`). Each corrupt
@@ -339,8 +340,9 @@ def decode_once(src: sources_lib.IndexedSource, *, spec: str, image_size: int) -
         images[index], ok[index], seen[index] = image, good, True
     for index in np.flatnonzero(~seen):  # each one decoded alone, to name it (or keep it, had it been transient)
         i_t = tf.constant(index, tf.int64)
+        # A failing read (a broken record file) raises: that is not one image's fault.
+        encoded = src.read(tf.reshape(i_t, (1,)))[0] if src.read_batched else src.read(i_t)
         try:
-            encoded = src.read(tf.reshape(i_t, (1,)))[0] if src.read_batched else src.read(i_t)
             image, good = images_lib.decode_image_tf(encoded, image_size=image_size, crop=src.crop, name=src.name(i_t))
             images[index], ok[index] = image.numpy(), bool(good)
         except tf.errors.OpError as e:
