@@ -9,11 +9,12 @@ eval files always work on a local folder. A run's workdir given as a URL is *mir
   checkpoint Orbax rotated out). The train loop pushes after every checkpoint and evaluation and when the run
   ends, fails or is preempted, so a preempted TPU VM resumes from the bucket on a new machine: the rerun pulls
   the newest checkpoint and goes on.
-- `local_dir(url)` pulls a read-only run (a teacher's workdir) once and returns the local copy.
+- `local_copy(url)` pulls a read-only folder or file once per process and returns the local copy:
+  a teacher's workdir, a teacher cache, training data (folder, LFW, RecordIO), verification sets (`bin:`, `lfw:`),
+  through `data.sources.local_spec`.
 
-Data read with Python's file functions (folders, LFW, RecordIO, verification sets) and memory-mapped teacher
-caches (`config.teacher.cache`) are read where they lie and must be local paths (`train.check_local_paths`); copy
-them to the VM's disk (or mount the bucket with gcsfuse). TFRecord data is read by TensorFlow and may be a URL.
+TFRecord data is read by TensorFlow's own file systems, in place. Specs whose paths cannot be told from their
+separators (`pairs:PAIRS:DIR`) and TFDS directories must be local (`train.check_local_paths`).
 
 The URL side is `etils.epath.Path` (Orbax's own path layer): gs:// through tf.io.gfile (TensorFlow is a core
 dependency) or gcsfs, s3:// through fsspec. The bucket lock is advisory: an object store has no exclusive
@@ -137,13 +138,36 @@ def pull(url: str, local: str) -> Dict[str, Tuple[int, int]]:
     return {rel: st for rel, st in _local_files(local).items() if not _SKIP.search(rel)}
 
 
-def local_dir(path: str) -> str:
-    """`path` itself when local; for a URL, a local copy of what it holds (pulled once, refreshed on change)."""
+_COPIES: Dict[Tuple[str, str], str] = {}
+
+
+def local_copy(path: str) -> str:
+    """`path` itself when local; for a URL of a folder or a file, a local copy (under staging_dir(url)) of what it
+    holds: the files the copy lacks or holds with another size are pulled, once per process (a folder of data is
+    listed once, not for every run of a suite). Raises FileNotFoundError naming the URL when there is nothing."""
     if not is_url(path):
         return path
-    local = staging_dir(path)
-    pull(path, local)
-    return local
+    url = str(path).rstrip("/")
+    local = staging_dir(url)
+    if (url, local) in _COPIES:
+        return _COPIES[(url, local)]
+    remote = epath(url)
+    try:
+        is_file = remote.exists() and not remote.is_dir()
+    except OSError as e:
+        raise FileNotFoundError(f"{url}: cannot read it ({type(e).__name__}: {e})") from e
+    if is_file:  # one file (a .bin verification set): the copy keeps its name
+        out = os.path.join(local, remote.name)
+        if not os.path.isfile(out) or os.path.getsize(out) != remote.stat().length:
+            _copy_down(remote, out)
+            log.info("pulled %s into %s", url, out)
+    else:
+        if not remote.exists():
+            raise FileNotFoundError(f"{url}: no such file or folder")
+        pull(url, local)
+        out = local
+    _COPIES[(url, local)] = out
+    return out
 
 
 class RemoteWorkdir:

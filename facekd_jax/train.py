@@ -473,7 +473,7 @@ def load_teacher(run: Setup, cache=None) -> Dict[str, PyTree]:
         raise ValueError("this config distils (config.kd has KD terms) but config.teacher.workdir is empty: "
                          "train a teacher first (configs/teacher_resnet18.py) and pass "
                          "--config.teacher.workdir=THAT_WORKDIR, or give --config.teacher.cache=DIR")
-    workdir = paths.local_dir(config.teacher.workdir)  # a URL: its local copy (facekd_jax.paths)
+    workdir = paths.local_copy(config.teacher.workdir)  # a URL: its local copy (facekd_jax.paths)
     abstract: Dict[str, PyTree] = {"params": {}}
     if run.teacher is not None:
         shapes = replicated_abstract_variables(run.teacher, None, teacher_image_size(config),
@@ -569,7 +569,7 @@ def resolve_spec(spec: str, config) -> str:
 
 def _check_train_spec(spec: str, key: str) -> None:
     kind, _, rest = spec.partition(":")
-    if kind in ("recordio", "folder", "lfw", "lfw-all") and rest:
+    if kind in ("recordio", "folder", "lfw", "lfw-all") and rest and not paths.is_url(rest):
         path = rest.split("@")[0]
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -635,29 +635,25 @@ class ConfigMismatchError(ValueError):
 
 
 class NonLocalPathError(ValueError):
-    """A URL (gs://, s3://, ...) where the package reads in place: data and teacher caches (the workdir and the
-    teacher's workdir may be URLs, facekd_jax.paths)."""
+    """A URL (gs://, s3://, ...) in a data spec that cannot take one (`check_local_paths`)."""
 
 
 def check_local_paths(config: ml_collections.ConfigDict) -> None:
-    """Raises NonLocalPathError naming the field and the way out when a data spec or the teacher cache is a URL
-    that is read with Python's file functions (nothing is created): folders, LFW, RecordIO, verification sets, the
-    memory-mapped cache. TFRecord training data is read by TensorFlow's file systems and may be a URL
-    (`tfrecord:gs://BUCKET/faces/*.tfrecord`), as may TFDS's data_dir (TFDS_DATA_DIR) for `tfds:NAME`. The
-    workdir and teacher.workdir may be URLs (mirrored, facekd_jax.paths)."""
-    fields = {"config.teacher.cache": config.teacher.cache}
-    train_spec = resolve_spec(str(config.data.train or ""), config)
-    if not train_spec.startswith("tfrecord:"):
-        fields["config.data.train"] = train_spec
+    """Raises NonLocalPathError naming the field and the way out, before anything is created, for the data specs
+    that cannot take a URL: `pairs:PAIRS_TXT:IMAGES_DIR` (a URL's colons cannot be told from the separator) and
+    `tfds:DIR` (give `tfds:NAME` with TFDS_DATA_DIR in the bucket). Every other path may be a URL (facekd_jax.paths):
+    the workdir (mirrored), teacher.workdir and teacher.cache, folder/lfw/recordio data and bin/lfw verification
+    sets (local copies, data.sources.local_spec), tfrecord globs (read by TensorFlow in place)."""
+    fields = {"config.data.train": resolve_spec(str(config.data.train or ""), config)}
     fields.update({f"config.data.val_targets[{i}]": resolve_spec(v, config)
                    for i, v in enumerate(config.data.val_targets)})
     for field, value in fields.items():
-        if "://" in str(value or ""):
+        if str(value).split(":", 1)[0] in ("pairs", "tfds") and "://" in str(value):
             raise NonLocalPathError(
-                f"{field}={value}: this data (or teacher cache) is read in place with Python's file functions and "
-                "must be a local path (TFRecord training data, the workdir and teacher.workdir may be gs:// URLs); "
-                "copy it to this machine's disk (gsutil -m cp -r), or mount the bucket (gcsfuse gs://BUCKET "
-                "/mnt/BUCKET, or Drive on Colab) and give the mounted path")
+                f"{field}={value}: a pairs: or tfds: spec must name local paths (pairs: separates its two paths "
+                "with ':'; for TFDS give tfds:NAME and TFDS_DATA_DIR=gs://...); copy the files to this machine's "
+                "disk (gsutil -m cp -r), or mount the bucket (gcsfuse gs://BUCKET /mnt/BUCKET, or Drive on Colab) "
+                "and give the mounted path")
 
 
 # Fields a resumed run may change: how long, how often, where it evaluates, how it runs. Every other field

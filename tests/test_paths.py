@@ -97,18 +97,48 @@ def test_a_gs_workdir_is_mirrored_to_the_bucket_and_resumes_from_it_on_a_new_mac
     assert os.listdir(tmp_path / "cwd") == []
 
 
-def test_a_gs_teacher_workdir_is_read_from_a_local_copy(bucket, tmp_path, one_device):
-    """A teacher run in the bucket: pulled into a local copy; a student distils from it live, and a teacher cache
-    built from it records the URL (so a config naming the URL matches the cache)."""
-    from test_teacher_cache import make_teacher_run
+def test_a_gs_teacher_data_and_cache_are_read_from_local_copies(bucket, tmp_path, one_device):
+    """A teacher run, a folder of faces, a .bin verification set and a teacher cache in the bucket, each read from
+    a local copy: a student distils from the live teacher on the bucket's faces and evaluates on its .bin; a cache
+    built from the bucket's teacher and faces records their URLs, and a run reads it back from the bucket."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from test_teacher_cache import SIZE, make_teacher_run
+    from facekd_jax.data import verification
     from facekd_jax.teachers import cache as cache_lib
 
     make_teacher_run(tmp_path / "teacher_src")
     shutil.copytree(tmp_path / "teacher_src", bucket / "bkt" / "teacher")
+    rng = np.random.default_rng(0)
+
+    def png(person):
+        pixels = np.clip(rng.normal(60 + 60 * person, 20, (2 * SIZE, 2 * SIZE, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        return buf.getvalue()
+
+    for person in range(3):
+        (bucket / "bkt" / "faces" / f"p{person}").mkdir(parents=True)
+        for k in range(4):
+            (bucket / "bkt" / "faces" / f"p{person}" / f"{k}.png").write_bytes(png(person))
+    verification.write_bin(str(bucket / "bkt" / "val.bin"), [png(k % 3) for k in range(40)], [True, False] * 10)
     cfg = tiny_config("feature_kd", **{"teacher.model": "resnet8", "teacher.workdir": "gs://bkt/teacher",
-                                       "num_train_steps": 2, "data.val_targets": ()})
+                                       "num_train_steps": 2, "data.train": "folder:gs://bkt/faces",
+                                       "data.val_targets": ("bin:gs://bkt/val.bin",)})
     out = train.train_and_evaluate(cfg, str(tmp_path / "student"))
     assert out["step"] == 2 and out["metrics"]["total"] > out["metrics"]["ce"]  # the KD term is there
-    cache = cache_lib.build_cache("gs://bkt/teacher", cfg.data.train, str(tmp_path / "cache"), progress=False)
+    assert out["eval"]["val"]["pairs"] == 20
+    cache = cache_lib.build_cache("gs://bkt/teacher", "folder:gs://bkt/faces", str(tmp_path / "cache"),
+                                  progress=False)
     assert cache.header["teacher"]["workdir"] == "gs://bkt/teacher"
-    assert os.listdir(tmp_path / "cwd") == []
+    assert cache.header["data"]["spec"] == "folder:gs://bkt/faces" and cache.header["data"]["num_images"] == 12
+    shutil.copytree(tmp_path / "cache", bucket / "bkt" / "cache")
+    cfg.teacher.cache = "gs://bkt/cache"
+    out = train.train_and_evaluate(cfg, str(tmp_path / "student_from_cache"))
+    assert out["step"] == 2 and out["metrics"]["total"] > out["metrics"]["ce"]
+    with pytest.raises(ValueError, match="local folder"):  # a cache is written locally, then copied
+        cache_lib.build_cache("gs://bkt/teacher", "folder:gs://bkt/faces", "gs://bkt/cache2", progress=False)
+    assert os.listdir(tmp_path / "cwd") == []  # nothing went around the path layer (no local `gs:` folder)

@@ -333,21 +333,20 @@ def test_a_config_file_outside_the_repository_trains_from_another_directory(tmp_
     assert "Traceback" not in proc.stderr and not (tmp_path / "w2").exists()
 
 
-@pytest.mark.parametrize("field", ["teacher.cache", "data.train", "data.val_targets"])
-def test_a_cloud_url_for_data_or_a_cache_stops_the_run_naming_the_field_and_creates_nothing(field, tmp_path,
-                                                                                           monkeypatch):
-    """Data read with Python's file functions and teacher caches are read in place: a gs:// one is refused before
-    anything is written, naming the field (gs:// used to become a local folder `gs:`). Workdirs may be URLs:
-    tests/test_paths.py; TFRecord data too: tests/test_data_pipeline.py."""
+@pytest.mark.parametrize("spec", ["pairs:gs://bucket/pairs.txt:gs://bucket/images", "tfds:gs://bucket/faces_tfds"])
+def test_a_url_in_a_spec_that_cannot_take_one_stops_the_run_naming_the_field_and_creates_nothing(spec, tmp_path,
+                                                                                                monkeypatch):
+    """pairs: separates its two paths with ':' and tfds:DIR goes to TFDS's own loader: a URL there is refused
+    before anything is written, naming the field (gs:// used to become a local folder `gs:`). Other paths may be
+    URLs: tests/test_paths.py (workdirs, teachers, caches, folder and .bin data), tests/test_data_pipeline.py
+    (TFRecord)."""
     monkeypatch.chdir(tmp_path)
     config = tiny_config("feature_kd", **{"teacher.model": "resnet8"})
-    if field == "teacher.cache":
-        config.teacher.cache = "gs://bucket/cache"
-    elif field == "data.train":
-        config.data.train = "recordio:gs://bucket/faces"
+    field = "data.val_targets" if spec.startswith("pairs") else "data.train"
+    if spec.startswith("pairs"):
+        config.data.val_targets = (spec,)
     else:
-        config.data.root = "gs://bucket"
-        config.data.val_targets = ("bin:{root}/lfw.bin",)
+        config.data.train = spec
     with pytest.raises(train.NonLocalPathError, match=field.replace(".", r"\.") + r"(\[0\])?=.*gs://bucket"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,10 @@
   tfds:NAME[:SPLIT] | tfds:DIR[:SPLIT] a prepared TFDS dataset (catalog name, or a directory for
                                        tfds.builder_from_directory, e.g. the converter's output)
 
+A DIR (or a verification set's FILE, data.verification) may be a URL (gs://...): folder, lfw, lfw-all,
+recordio and the verification specs bin, lfw and lfw-view2 are read from a local copy pulled once per process
+(`local_spec`, facekd_jax.paths); tfrecord GLOBs are read by TensorFlow's file systems in place.
+
 Two kinds of source. An `IndexedSource` (synthetic, folder, lfw, recordio) reads example i directly, so the
 pipeline orders examples itself (a seeded permutation per epoch) and can resume at any step exactly. A
 `StreamSource` (tfrecord, tfds) is read in a seeded file/shuffle-buffer order; resuming skips records
@@ -28,6 +32,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from facekd_jax import paths
 from facekd_jax.data import images as images_lib
 from facekd_jax.data import synthetic as synthetic_lib
 
@@ -96,6 +101,20 @@ def split_spec(spec: str) -> Tuple[str, str]:
     return kind, rest
 
 
+# Specs whose path is read with Python's file functions: a URL there is read from a local copy.
+COPIED_KINDS = ("folder", "lfw", "lfw-all", "recordio", "bin", "lfw-view2")
+
+
+def local_spec(spec: str) -> str:
+    """The spec with its URL path (COPIED_KINDS) replaced by a local copy of it (`paths.local_copy`: pulled once per
+    process into $FACEKD_CACHE_DIR/workdirs), the crop box kept; any other spec unchanged."""
+    kind, _, rest = spec.partition(":")
+    if kind not in COPIED_KINDS or not paths.is_url(rest):
+        return spec
+    path, _ = images_lib.split_crop(rest)
+    return f"{kind}:{paths.local_copy(path)}{rest[len(path):]}"
+
+
 @functools.lru_cache(maxsize=4)
 def open_source(spec: str, *, image_size: int) -> IndexedSource | StreamSource:
     """Spec string -> a source (see the module docstring). Raises FileNotFoundError / ValueError naming the spec.
@@ -103,7 +122,7 @@ def open_source(spec: str, *, image_size: int) -> IndexedSource | StreamSource:
     Cached (the last few specs): the train loop asks for the class count before it builds the pipeline, and
     a TFRecord source counts its labels with a pass over the files.
     """
-    kind, rest = split_spec(spec)
+    kind, rest = split_spec(local_spec(spec))
     if kind == "synthetic":
         return synthetic_source(spec, image_size=image_size)
     if kind == "folder":

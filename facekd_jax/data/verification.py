@@ -253,9 +253,12 @@ def load_verification(spec: str, *, image_size: int = 112) -> Tuple[np.ndarray, 
 
     Specs: "bin:FILE" | "pairs:PAIRS_TXT:IMAGES_DIR[@l,t,r,b]" | "lfw:DIR[@l,t,r,b]" (pairsDevTest.txt, crop
     62,55,188,181 by default) | "lfw-view2:DIR[@l,t,r,b]" (pairs.txt) | "synthetic[:N_PAIRS[:SEED]]".
-    Greyscale and non-square images become RGB S x S (crop box first, then resize).
+    Greyscale and non-square images become RGB S x S (crop box first, then resize). The FILE or DIR of bin, lfw and
+    lfw-view2 may be a URL (read from a local copy, sources.local_spec).
     """
-    kind, _, rest = spec.partition(":")
+    from facekd_jax.data.sources import local_spec
+
+    kind, _, rest = local_spec(spec).partition(":")
     if kind == "bin":
         path, crop = images_lib.split_crop(rest)
         return load_bin(path, image_size=image_size, crop=crop)

@@ -68,7 +68,7 @@ def data_identity(spec: str, source) -> Dict[str, Any]:
     kind, _, rest = spec.partition(":")
     base = kind if not rest else f"{kind}:{images_lib.split_crop(rest)[0]}"
     if kind in ("folder", "lfw", "lfw-all", "recordio"):
-        base = f"{kind}:{os.path.abspath(images_lib.split_crop(rest)[0])}"
+        base = f"{kind}:{paths.canonical(images_lib.split_crop(rest)[0])}"  # a URL as given
     return {"spec": base, "num_images": int(source.num_images), "num_classes": int(source.num_classes),
             "labels_sha256": _labels_digest(source.labels)}
 
@@ -141,7 +141,9 @@ class TeacherCache:
 
 
 def open_cache(directory: str) -> TeacherCache:
-    """Opens a cache; FileNotFoundError / ValueError name the file and what is wrong."""
+    """Opens a cache (a URL: its local copy, facekd_jax.paths); FileNotFoundError / ValueError name the file and
+    what is wrong."""
+    directory = paths.local_copy(directory)
     path = os.path.join(directory, HEADER)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {directory} is not a teacher-embedding cache (build one with "
@@ -201,7 +203,10 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
     from facekd_jax.data import sources as sources_lib
     from facekd_jax.teachers.imported import read_teacher_run
 
-    local = paths.local_dir(teacher_workdir)  # a URL: its local copy
+    if paths.is_url(out):
+        raise ValueError(f"--out={out}: a cache is written to a local folder (memory-mapped); build it here and copy "
+                         "it to the bucket (gsutil -m cp -r), a run reads a gs:// cache from a local copy")
+    local = paths.local_copy(teacher_workdir)  # a URL: its local copy
     run = read_teacher_run(local)
     size = run.image_size
     source = sources_lib.open_source(spec, image_size=size)
