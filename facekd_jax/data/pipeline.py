@@ -242,6 +242,19 @@ def _step_indices(src: sources_lib.IndexedSource, step: int, *, batch_size: int,
     return _example_indices(seed, tf.constant(positions, tf.int64), src.num_images).numpy()
 
 
+def _decode_eagerly(src: sources_lib.IndexedSource, index: int, *, image_size: int):
+    """Example `index` read and decoded eagerly -> (uint8 [S, S, 3] tensor, ok). A failing read raises (a broken
+    record file is not one image's fault); so does TensorFlow's decoder where it rejects the bytes
+    (tf.errors.OpError: the caller names the image, `_name`)."""
+    i_t = tf.constant(index, tf.int64)
+    encoded = src.read(tf.reshape(i_t, (1,)))[0] if src.read_batched else src.read(i_t)
+    return images_lib.decode_image_tf(encoded, image_size=image_size, crop=src.crop, name=src.name(i_t))
+
+
+def _name(src: sources_lib.IndexedSource, index: int) -> str:
+    return bytes(src.name(tf.constant(index, tf.int64)).numpy()).decode("utf-8", "replace")
+
+
 def find_undecodable(src: sources_lib.IndexedSource, indices, *, image_size: int) -> Dict[int, str]:
     """{index: name} of the examples among `indices` (and the replacements the pipeline would try after them)
     whose bytes TensorFlow's decoders reject, found by decoding each eagerly."""
@@ -250,17 +263,28 @@ def find_undecodable(src: sources_lib.IndexedSource, indices, *, image_size: int
         for j in ((index + k) % src.num_images for k in range(MAX_REPLACEMENTS)):
             if j in bad:
                 continue
-            j_t = tf.constant(j, tf.int64)
-            encoded = src.read(tf.reshape(j_t, (1,)))[0] if src.read_batched else src.read(j_t)
             try:
-                _, ok = images_lib.decode_image_tf(encoded, image_size=image_size, crop=src.crop,
-                                                   name=src.name(j_t))
+                _, ok = _decode_eagerly(src, j, image_size=image_size)
             except tf.errors.OpError:
-                bad[j] = bytes(src.name(j_t).numpy()).decode("utf-8", "replace")
+                bad[j] = _name(src, j)
                 continue
             if bool(ok):
                 break  # the pipeline uses this one; later replacements are never read
     return bad
+
+
+def _steps(n: int, *, batch_size: int, seed: int, start_step: int, process_index: int,
+           process_count: int) -> tf.data.Dataset:
+    """Steps start_step, start_step + 1, ... -> (example indices int64 [B], flips bool [B]) of this process's share
+    of each global batch (the module docstring's order)."""
+    global_batch = batch_size * process_count
+    offsets = tf.range(batch_size, dtype=tf.int64) + process_index * batch_size
+
+    def step_positions(step):
+        positions = step * global_batch + offsets
+        return _example_indices(seed, positions, n), _coin_flips(seed, positions)
+
+    return tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // max(global_batch, 1)).map(step_positions)
 
 
 def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_size: int, seed: int,
@@ -272,15 +296,9 @@ def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_s
         mask = np.zeros(n, bool)
         mask[sorted(skip)] = True
         skip_t = tf.constant(mask)
-    global_batch = batch_size * process_count
     labels_t = tf.constant(src.labels, tf.int32)
-    offsets = tf.range(batch_size, dtype=tf.int64) + process_index * batch_size
-
-    def step_positions(step):
-        positions = step * global_batch + offsets
-        return _example_indices(seed, positions, n), _coin_flips(seed, positions)
-
-    ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // max(global_batch, 1)).map(step_positions)
+    ds = _steps(n, batch_size=batch_size, seed=seed, start_step=start_step, process_index=process_index,
+                process_count=process_count)
     if src.render is not None:
         ds = ds.map(lambda idx, flip: _finish(src.render(idx), tf.gather(labels_t, idx), flip, augment, idx, teacher),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -339,14 +357,11 @@ def decode_once(src: sources_lib.IndexedSource, *, spec: str,
     for index, image, good in ds.prefetch(2).with_options(dataset_options()).as_numpy_iterator():
         images[index], ok[index], seen[index] = image, good, True
     for index in np.flatnonzero(~seen):  # each one decoded alone, to name it (or keep it, had it been transient)
-        i_t = tf.constant(index, tf.int64)
-        # A failing read (a broken record file) raises: that is not one image's fault.
-        encoded = src.read(tf.reshape(i_t, (1,)))[0] if src.read_batched else src.read(i_t)
         try:
-            image, good = images_lib.decode_image_tf(encoded, image_size=image_size, crop=src.crop, name=src.name(i_t))
+            image, good = _decode_eagerly(src, int(index), image_size=image_size)
             images[index], ok[index] = image.numpy(), bool(good)
         except tf.errors.OpError as e:
-            name = bytes(src.name(i_t).numpy()).decode("utf-8", "replace")
+            name = _name(src, int(index))
             images_lib.CORRUPT.add(name)
             log.warning("skipping corrupt image (%d so far): %s: TensorFlow's decoder failed on its bytes (example "
                         "%d): %s", images_lib.CORRUPT.count, name, index, str(e).splitlines()[0][:200])
@@ -376,22 +391,19 @@ def _decoded_dataset(decoded: Tuple[np.ndarray, np.ndarray], labels: np.ndarray,
                      teacher=None) -> tf.data.Dataset:
     """The batches of `_indexed_dataset`, gathered from `decode_once`'s arrays instead of decoded."""
     images, used = decoded
-    n, shape = len(used), (batch_size,) + images.shape[1:]
-    global_batch = batch_size * process_count
+    shape = (batch_size,) + images.shape[1:]
     used_t, labels_t = tf.constant(used), tf.constant(labels, tf.int32)
-    offsets = tf.range(batch_size, dtype=tf.int64) + process_index * batch_size
 
     def gather(index):
         return images[index]
 
-    def batch(step):
-        positions = step * global_batch + offsets
-        index = tf.gather(used_t, _example_indices(seed, positions, n))
+    def batch(index, flips):
+        index = tf.gather(used_t, index)  # a corrupt image's replacement, as _decode_with_replacement picks it
         pixels = tf.ensure_shape(tf.numpy_function(gather, [index], tf.uint8, stateful=False), shape)
-        return _finish(pixels, tf.gather(labels_t, index), _coin_flips(seed, positions), augment, index, teacher)
+        return _finish(pixels, tf.gather(labels_t, index), flips, augment, index, teacher)
 
-    return tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // max(global_batch, 1)).map(
-        batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _steps(len(used), batch_size=batch_size, seed=seed, start_step=start_step, process_index=process_index,
+                  process_count=process_count).map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _stream_dataset(src: sources_lib.StreamSource, *, batch_size: int, image_size: int, seed: int,
@@ -464,17 +476,17 @@ def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, see
             ds = _decoded_dataset(decoded, src.labels, teacher=teacher, **{k: v for k, v in kwargs.items()
                                                                           if k != "image_size"})
             batches = Batches(ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options()), start_step=start_step)
+        else:
+            def build(start: int, skip: frozenset) -> tf.data.Dataset:
+                ds = _indexed_dataset(src, teacher=teacher, skip=skip, **dict(kwargs, start_step=start))
+                return ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
 
-        def build(start: int, skip: frozenset) -> tf.data.Dataset:
-            ds = _indexed_dataset(src, teacher=teacher, skip=skip, **dict(kwargs, start_step=start))
-            return ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
+            def find(step: int) -> Dict[int, str]:  # this batch and those prefetched behind it
+                window = [_step_indices(src, t, batch_size=batch_size, seed=seed, process_index=process_index,
+                                        process_count=process_count)
+                          for t in range(step, step + PREFETCH_BATCHES + 3)]
+                return find_undecodable(src, np.concatenate(window), image_size=image_size)
 
-        def find(step: int) -> Dict[int, str]:  # this batch and those prefetched behind it
-            window = [_step_indices(src, t, batch_size=batch_size, seed=seed, process_index=process_index,
-                                    process_count=process_count) for t in range(step, step + PREFETCH_BATCHES + 3)]
-            return find_undecodable(src, np.concatenate(window), image_size=image_size)
-
-        if decoded is None:
             batches = Batches(build(start_step, frozenset()), rebuild=build, find_undecodable=find,
                               start_step=start_step)
     else:
