@@ -14,7 +14,7 @@ eval files always work on a local folder. A run's workdir given as a URL is *mir
   through `data.sources.local_spec`.
 
 TFRecord data is read by TensorFlow's own file systems, in place. Specs whose paths cannot be told from their
-separators (`pairs:PAIRS:DIR`) and TFDS directories must be local (`train.check_local_paths`).
+separators (`pairs:PAIRS:DIR`) and TFDS directories must be local (`train.check_data_urls`).
 
 The URL side is `etils.epath.Path` (Orbax's own path layer): gs:// through tf.io.gfile (TensorFlow is a core
 dependency) or gcsfs, s3:// through fsspec. The bucket lock is advisory: an object store has no exclusive

@@ -607,7 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     from `config` stops before anything is touched (ConfigMismatchError, check_resumable). val_targets: the
     verification sets load_val_targets(config) returns, when the caller already holds them (the suite loads them
     once for all its runs); None loads them here."""
-    check_local_paths(config)
+    check_data_urls(config)
     init_distributed(config.distributed)
     if paths.is_url(workdir):  # mirrored in a local folder, pushed after every checkpoint (facekd_jax.paths)
         _single_host_for_url(workdir)
@@ -635,10 +635,10 @@ class ConfigMismatchError(ValueError):
 
 
 class NonLocalPathError(ValueError):
-    """A URL (gs://, s3://, ...) in a data spec that cannot take one (`check_local_paths`)."""
+    """A URL (gs://, s3://, ...) in a data spec that cannot take one (`check_data_urls`)."""
 
 
-def check_local_paths(config: ml_collections.ConfigDict) -> None:
+def check_data_urls(config: ml_collections.ConfigDict) -> None:
     """Raises NonLocalPathError naming the field and the way out, before anything is created, for the data specs
     that cannot take a URL: `pairs:PAIRS_TXT:IMAGES_DIR` (a URL's colons cannot be told from the separator) and
     `tfds:DIR` (give `tfds:NAME` with TFDS_DATA_DIR in the bucket). Every other path may be a URL (facekd_jax.paths):
@@ -904,7 +904,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: 
 
     The architecture comes from the run (`trained_architecture`); the verification sets from `config`.
     """
-    check_local_paths(config)
+    check_data_urls(config)
     if paths.is_url(workdir):  # a local copy, then the eval files pushed back (no lock: training may go on)
         _single_host_for_url(workdir)
         with paths.RemoteWorkdir(workdir, local=paths.staging_dir(workdir) + "-eval", lock=False) as stage:

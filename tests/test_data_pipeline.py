@@ -346,7 +346,7 @@ def test_tfrecord_data_in_a_bucket_is_read_through_tensorflows_file_systems(tmp_
     config = tiny_config("baseline_resnet56")
     config.data.root = bucket
     config.data.train = "tfrecord:{root}/*.tfrecord"
-    train.check_local_paths(config)  # no NonLocalPathError
+    train.check_data_urls(config)  # no NonLocalPathError
     spec = train.resolve_spec(config.data.train, config)
     batches, info = make_train_dataset(spec, batch_size=4, image_size=SIZE, shuffle_buffer=8, **ONE_PROCESS)
     assert info["num_images"] == 12 and info["num_classes"] == 4 and bucket in info["source"]
