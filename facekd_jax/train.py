@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from facekd_jax import checkpoint as ckpt_lib
 from facekd_jax import data as data_lib
+from facekd_jax.data import sources as sources_lib
 from facekd_jax import evaluate as eval_lib
 from facekd_jax import losses
 from facekd_jax import models
@@ -569,7 +570,7 @@ def resolve_spec(spec: str, config) -> str:
 
 def _check_train_spec(spec: str, key: str) -> None:
     kind, _, rest = spec.partition(":")
-    if kind in ("recordio", "folder", "lfw", "lfw-all") and rest and not paths.is_url(rest):
+    if kind in sources_lib.PATH_KINDS and rest and not paths.is_url(rest):
         path = rest.split("@")[0]
         if not os.path.exists(path):
             raise FileNotFoundError(

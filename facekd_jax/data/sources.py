@@ -101,8 +101,11 @@ def split_spec(spec: str) -> Tuple[str, str]:
     return kind, rest
 
 
-# Specs whose path is read with Python's file functions: a URL there is read from a local copy.
-COPIED_KINDS = ("folder", "lfw", "lfw-all", "recordio", "bin", "lfw-view2")
+# Training specs whose rest is a local path (DIR[@crop]).
+PATH_KINDS = ("folder", "lfw", "lfw-all", "recordio")
+# Specs (training and verification) whose path is read with Python's file functions: a URL there is read from a
+# local copy.
+COPIED_KINDS = PATH_KINDS + ("bin", "lfw-view2")
 
 
 def local_spec(spec: str) -> str:

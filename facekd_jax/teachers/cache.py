@@ -64,10 +64,11 @@ def data_identity(spec: str, source) -> Dict[str, Any]:
     """What makes a training source the same one: its spec without a crop (the cache has its own), the image
     count, the identity count and a digest of the labels in source order."""
     from facekd_jax.data import images as images_lib
+    from facekd_jax.data import sources as sources_lib
 
     kind, _, rest = spec.partition(":")
     base = kind if not rest else f"{kind}:{images_lib.split_crop(rest)[0]}"
-    if kind in ("folder", "lfw", "lfw-all", "recordio"):
+    if kind in sources_lib.PATH_KINDS:
         base = f"{kind}:{paths.canonical(images_lib.split_crop(rest)[0])}"  # a URL as given
     return {"spec": base, "num_images": int(source.num_images), "num_classes": int(source.num_classes),
             "labels_sha256": _labels_digest(source.labels)}
