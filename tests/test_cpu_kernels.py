@@ -87,6 +87,9 @@ def test_forward_and_both_gradients_equal_xla(n, size, ci, co, k, s, padding, gr
 @needs_onednn
 @pytest.mark.parametrize("groups", [1, 16])
 def test_bfloat16_matches_xla_to_bfloat16_precision(groups):
+    if not onednn_conv.bfloat16_supported():
+        pytest.skip("this CPU's oneDNN has no bfloat16 convolution (it needs AVX-512): "
+                    "test_bfloat16_falls_back_to_xla_without_onednn_support covers it")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 14, 14, 16), dtype=np.float32))
     w = jnp.asarray(rng.standard_normal((3, 3, 16 // groups, 16), dtype=np.float32) * 0.2)
@@ -102,6 +105,21 @@ def test_bfloat16_matches_xla_to_bfloat16_precision(groups):
     for got, want in zip(vjp(dy.astype(jnp.bfloat16)), vjp_ref(dy)):
         assert got.dtype == jnp.bfloat16
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * float(jnp.max(jnp.abs(want))))
+
+
+def test_bfloat16_falls_back_to_xla_without_onednn_support(monkeypatch):
+    """A bfloat16 convolution on a CPU whose oneDNN has none (AVX2 only) is XLA's: the same result, no error."""
+    monkeypatch.setitem(onednn_conv._state, "bf16", False)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 4, 8)) * 0.2, jnp.bfloat16)
+    pad = ((1, 1), (1, 1))
+    got = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=NHWC))(x, w)
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(_reference(x, w, (1, 1), pad), np.float32))
+    hlo = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=NHWC)
+                  ).lower(x, w).as_text()
+    assert "onednn" not in hlo
 
 
 def test_supports_only_what_onednn_computes_exactly():

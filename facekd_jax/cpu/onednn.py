@@ -116,6 +116,28 @@ def unavailable_reason() -> str:
     return _state["reason"]
 
 
+def bfloat16_supported() -> bool:
+    """Whether this CPU's oneDNN computes bfloat16 convolutions: it needs AVX-512 (an AVX2-only CPU, such as AMD's
+    Zen 2 and 3, has no bfloat16 convolution in oneDNN 3.2). Probed once with a tiny convolution; where it fails,
+    `supports` sends bfloat16 convolutions to XLA."""
+    with _lock:
+        if "bf16" in _state:
+            return _state["bf16"]
+    ok = False
+    if available():
+        x = np.zeros((1, 3, 3, 1), jax.numpy.bfloat16)
+        try:
+            with jax.ensure_compile_time_eval():  # run now, even when asked while a model is being traced
+                jax.block_until_ready(conv2d(x, np.zeros((1, 1, 1, 1), jax.numpy.bfloat16), (1, 1),
+                                             ((0, 0), (0, 0))))
+            ok = True
+        except Exception as e:  # noqa: BLE001 (oneDNN's "could not create a primitive descriptor")
+            logging.info("facekd_jax: oneDNN has no bfloat16 convolution on this CPU (%s); XLA's is used", e)
+    with _lock:
+        _state["bf16"] = ok
+    return ok
+
+
 def _pads(padding) -> tuple[tuple[int, int], tuple[int, int]]:
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
@@ -187,7 +209,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     pads = None
     if (batch_group_count == 1 and preferred_element_type is None
             and supports(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                         feature_group_count) and available()):
+                         feature_group_count) and available()
+            and (lhs.dtype != jax.numpy.bfloat16 or bfloat16_supported())):
         pads = _pads(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
                      if isinstance(padding, str) else padding)
         if any(p < 0 for pair in pads for p in pair) or min(_out_shape(lhs.shape, rhs.shape, strides, pads)) < 1:
