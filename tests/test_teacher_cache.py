@@ -9,7 +9,9 @@ import pytest
 
 from runs import tiny_config
 from facekd_jax import checkpoint as ckpt_lib
-from facekd_jax import models, train
+from facekd_jax import models, sharding, train
+from facekd_jax import step as step_lib
+from facekd_jax.teachers import load as teacher_load
 from facekd_jax.data import pipeline, sources
 from facekd_jax.teachers import cache as cache_lib
 from facekd_jax.teachers.imported import read_teacher_run
@@ -105,7 +107,8 @@ def test_a_stopped_build_resumes_and_fills_only_the_missing_rows(built, tmp_path
     with pytest.raises(cache_lib.CacheMismatchError, match="incomplete"):
         cache_lib.open_cache(str(out)).check_matches(SPEC, sources.open_source(SPEC, image_size=SIZE))
     resumed = cache_lib.build_cache(str(root / "teacher"), SPEC, str(out), batch_size=4, progress=False)
-    np.testing.assert_allclose(resumed.embeddings, cache.embeddings, rtol=1e-6)
+    # Other batches (4 here, 5 before) may round differently in float32 on some CPUs (AMD Zen 3: 4e-7).
+    np.testing.assert_allclose(resumed.embeddings, cache.embeddings, rtol=1e-5, atol=1e-6)
     assert resumed.header["complete"]
 
 
@@ -162,10 +165,10 @@ def test_kd_step_from_the_cache_equals_the_live_teacher(module, built):
     overrides = {"teacher.model": "resnet8", "cpu_kernels": "xla"}
     live_cfg = tiny_config(module, **overrides)
     cached_cfg = tiny_config(module, **overrides, **{"teacher.cache": cache.directory})
-    mesh = train.make_mesh(1, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
     centres = jnp.asarray(cache.centres())
-    live = train.setup(live_cfg, num_classes=6, mesh=mesh)
-    cached = train.setup(cached_cfg, num_classes=6, mesh=mesh)
+    live = step_lib.setup(live_cfg, num_classes=6, mesh=mesh)
+    cached = step_lib.setup(cached_cfg, num_classes=6, mesh=mesh)
     assert cached.teacher is None  # never runs
     assert (live.teacher is not None) == (module != "proxyless_kd")  # ProxylessKD needs only the centres
     rng = np.random.default_rng(0)
@@ -175,10 +178,10 @@ def test_kd_step_from_the_cache_equals_the_live_teacher(module, built):
     live_vars = {"params": {"backbone": variables["params"], "head": {"kernel": centres}},
                  "batch_stats": variables["batch_stats"]}
     cached_vars = {"params": {"head": {"kernel": centres}}}
-    s_live, m_live = live.train_step(live.init_state(), train.put_batch({"image": images, "label": labels}, mesh),
+    s_live, m_live = live.train_step(live.init_state(), sharding.put_batch({"image": images, "label": labels}, mesh),
                                      live_vars)
     s_cached, m_cached = cached.train_step(
-        cached.init_state(), train.put_batch({"image": images, "label": labels, "teacher_embedding": t_emb}, mesh),
+        cached.init_state(), sharding.put_batch({"image": images, "label": labels, "teacher_embedding": t_emb}, mesh),
         cached_vars)
     assert float(m_live["total"]) > float(m_live["ce"]) or module in ("proxyless_kd", "adadistill")
     if module == "adadistill":  # stateful: the state moved, the same in both
@@ -194,11 +197,11 @@ def test_kd_step_from_the_cache_equals_the_live_teacher(module, built):
 
 def test_projection_maps_a_smaller_student_into_the_teacher_space():
     cfg = tiny_config("feature_kd", **{"embedding_size": 16, "teacher.model": "resnet8"})
-    mesh = train.make_mesh(1, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="kd.projection=True"):
-        train.setup(cfg, num_classes=6, mesh=mesh)
+        step_lib.setup(cfg, num_classes=6, mesh=mesh)
     cfg.kd.projection = True
-    run = train.setup(cfg, num_classes=6, mesh=mesh)
+    run = step_lib.setup(cfg, num_classes=6, mesh=mesh)
     state = run.init_state()
     assert state.params["projection"]["kernel"].shape == (16, WIDTH)
     rng = np.random.default_rng(0)
@@ -206,9 +209,9 @@ def test_projection_maps_a_smaller_student_into_the_teacher_space():
              "label": rng.integers(0, 6, 16).astype(np.int32),
              "teacher_embedding": rng.standard_normal((16, WIDTH)).astype(np.float32)}
     cfg.teacher.cache = "(embeddings in the batch)"
-    run = train.setup(cfg, num_classes=6, mesh=mesh)
+    run = step_lib.setup(cfg, num_classes=6, mesh=mesh)
     before = np.array(state.params["projection"]["kernel"])  # the step donates the state
-    new, metrics = run.train_step(state, train.put_batch(batch, mesh), {})
+    new, metrics = run.train_step(state, sharding.put_batch(batch, mesh), {})
     assert np.isfinite(float(metrics["feature"]))
     assert not np.allclose(new.params["projection"]["kernel"], before)
     # The evaluated student is the backbone alone: the projection is not part of its apply.
@@ -252,9 +255,9 @@ def test_centred_teacher_takes_the_cache_mean_out_of_targets_and_centres(built):
     # One feature-KD step: the logged term is the loss against the centred targets.
     cfg = tiny_config("feature_kd", **{"teacher.model": "resnet8", "teacher.cache": cache.directory,
                                        "teacher.centre": True, "cpu_kernels": "xla"})
-    mesh = train.make_mesh(1, devices=jax.devices()[:1])
-    run = train.setup(cfg, num_classes=6, mesh=mesh)
-    tvars = train.load_teacher(run, cache)
+    mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
+    run = step_lib.setup(cfg, num_classes=6, mesh=mesh)
+    tvars = teacher_load.load_teacher(run, cache)
     np.testing.assert_allclose(np.asarray(tvars["embedding_mean"]), mean, rtol=1e-5, atol=1e-7)
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (16, SIZE, SIZE, 3)).astype(np.float32)
@@ -262,7 +265,7 @@ def test_centred_teacher_takes_the_cache_mean_out_of_targets_and_centres(built):
     state = run.init_state()
     student_emb = run.student.apply({"params": state.params["backbone"], "batch_stats": state.batch_stats},
                                     images, train=True, mutable=["batch_stats"])[0]
-    _, metrics = run.train_step(state, train.put_batch({"image": images, "label": rng.integers(0, 6, 16).astype(
+    _, metrics = run.train_step(state, sharding.put_batch({"image": images, "label": rng.integers(0, 6, 16).astype(
         np.int32), "teacher_embedding": t}, mesh), tvars)
     t_unit = t / np.linalg.norm(t, axis=-1, keepdims=True)
     from facekd_jax import losses
@@ -272,4 +275,4 @@ def test_centred_teacher_takes_the_cache_mean_out_of_targets_and_centres(built):
     with pytest.raises(ValueError, match=r"teacher.centre=True .* --config.teacher.cache=DIR"):
         cfg_live = tiny_config("feature_kd", **{"teacher.model": "resnet8", "teacher.centre": True,
                                                 "teacher.workdir": str(root / "teacher")})
-        train.load_teacher(train.setup(cfg_live, num_classes=6, mesh=mesh))
+        teacher_load.load_teacher(step_lib.setup(cfg_live, num_classes=6, mesh=mesh))
