@@ -73,26 +73,22 @@ class Student:
 
 def load_student(workdir: str, checkpoint: str = "latest") -> Student:
     """The student of a finished run (its config.json decides the architecture), with flax's own layers."""
-    import jax
+    from facekd_jax import rundir
 
-    from facekd_jax import checkpoint as ckpt_lib
-    from facekd_jax import config_lib, train
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --workdir must be a run trained by facekd_jax.main or the suite")
-    with open(path) as f:
-        saved = json.load(f)
-    config = train.trained_architecture(config_lib.default_config(), workdir)
-    student = train.build_student(config, layers={})   # portable layers: the exported graph has no custom calls
-    mesh = train.make_mesh(1, devices=jax.devices()[:1])
-    abstract = train.replicated_abstract_variables(student, None, config.data.image_size, config.embedding_size, mesh)
-    variables, meta = ckpt_lib.restore_variables(workdir, abstract, which=checkpoint)
-    variables = {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]}
+    saved = rundir.read_config(workdir)
+    # Flax's portable layers: the exported graph has no custom calls.
+    model = rundir.load_model(workdir, which=checkpoint, layers={})
+    config = model.config
     return Student(model=config.model, image_size=int(config.data.image_size),
-                   embedding_size=int(config.embedding_size), step=int(meta.get("step", 0)), workdir=workdir,
-                   checkpoint=checkpoint, train_spec=saved.get("data", {}).get("train", ""),
-                   apply=lambda v, x: student.apply(v, x, train=False), variables=variables)
+                   embedding_size=int(config.embedding_size), step=model.step, workdir=workdir,
+                   checkpoint=checkpoint, train_spec=_with_root(saved.get("data", {}).get("train", ""), saved),
+                   apply=model.apply, variables=model.variables)
+
+
+def _with_root(spec: str, run_config: Dict[str, Any]) -> str:
+    """A spec of the run's config.json with `{root}` replaced by its data.root."""
+    root = os.path.expanduser(str(run_config.get("data", {}).get("root", "")))
+    return spec.replace("{root}", root) if spec else spec
 
 
 def pixel_function(student: Student, *, mean: float = INPUT_MEAN, scale: float = INPUT_SCALE) -> Callable:
@@ -120,30 +116,30 @@ def jax_embeddings(student: Student, pixels: np.ndarray, batch_size: int = 64) -
 def spec_images(spec: str, image_size: int, limit: int, *, seed: int = 0, verification: bool) -> np.ndarray:
     """Up to `limit` distinct real images uint8 [N, S, S, 3], a fixed random subset, with the spec's crop: of a
     verification set (`verification`: bin:, pairs:, lfw: = pairsDevTest, lfw-view2:) or of training data
-    (folder:, lfw: = View 1's training people, lfw-all:, recordio:; bin:/pairs: specs are read as verification)."""
+    (folder:, lfw: = View 1's training people, lfw-all:, recordio:; a spec only verification takes, such as
+    bin: or pairs:, is read as verification)."""
     from facekd_jax import data as data_lib
     from facekd_jax.data import images as images_lib
-    from facekd_jax.data import sources
+    from facekd_jax.data import sources, specs
 
-    kind = spec.partition(":")[0]
-    if verification or kind in ("bin", "pairs", "lfw-view2") or spec.endswith(".bin"):
+    train_spec = None
+    if not verification:
+        try:
+            train_spec = specs.parse(spec, specs.TRAIN)
+        except specs.SpecError:  # a spec only verification takes (bin:, pairs:, lfw-view2:)
+            train_spec = None
+    if train_spec is None:
         images, _ = data_lib.load_verification(spec, image_size=image_size)
         pool = np.unique(images.reshape(len(images), -1), axis=0).reshape((-1,) + images.shape[1:])
         order = np.random.default_rng(seed).permutation(len(pool))[:limit]
         return pool[order]
-    source = sources.open_source(spec, image_size=image_size)
-    if not isinstance(source, sources.IndexedSource) or source.synthetic:
+    source = sources.open_source(train_spec, image_size=image_size)
+    if not isinstance(source, sources.IndexedSource) or source.read_bytes is None:
         raise ValueError(f"{spec!r}: give real face images with random access (folder:, lfw:, lfw-all:, recordio:, "
                          "bin:, pairs:)")
-    import tensorflow as tf
-
     order = np.random.default_rng(seed).permutation(source.num_images)[:limit]
-    if source.read_batched:
-        encoded = list(source.read(tf.constant(order.astype(np.int64))).numpy())
-    else:
-        encoded = [source.read(tf.constant(np.int64(i))).numpy() for i in order]
-    return np.stack([images_lib.decode_image_np(bytes(e), image_size=image_size, crop=source.crop,
-                                                name=f"{spec} image {i}") for e, i in zip(encoded, order)])
+    return np.stack([images_lib.decode_image_np(source.read_bytes(i), image_size=image_size, crop=source.crop,
+                                                name=source.name_of(i)) for i in order])
 
 
 # ------------------------------------------------------------------------------------------------ converters
@@ -290,10 +286,11 @@ def export(workdir: str, *, fmt: str, precision: str, out: str, checkpoint: str 
     """
     if fmt not in FORMATS or precision not in PRECISIONS:
         raise ValueError(f"--format must be one of {FORMATS} and --precision one of {PRECISIONS}")
+    from facekd_jax import rundir
+
     student = load_student(workdir, checkpoint)
-    with open(os.path.join(workdir, "config.json")) as f:
-        run_config = json.load(f)
-    parity = parity or (run_config.get("data", {}).get("val_targets") or [""])[0]
+    run_config = rundir.read_config(workdir)
+    parity = parity or _with_root((run_config.get("data", {}).get("val_targets") or [""])[0], run_config)
     if not parity:
         raise ValueError("--parity=SPEC: the run names no verification set to check parity on")
     calibration = calibration or student.train_spec

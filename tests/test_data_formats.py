@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from facekd_jax.data import convert, recordio, verification
+from facekd_jax.data import convert, recordio, specs, verification
 from facekd_jax.data import images as images_lib
 from facekd_jax.data.folder import list_folder
 
@@ -461,7 +461,7 @@ def test_real_lfw_pairs(lfw_dir):
     assert images.shape == (2000, 32, 32, 3) and issame.sum() == 500
     p = dev_test[700]
     data = open(verification.image_path(str(lfw_dir / "lfw-deepfunneled"), p.name2, p.index2), "rb").read()
-    direct = images_lib.decode_many([data], image_size=32, crop=verification.LFW_CROP)[0]
+    direct = images_lib.decode_many([data], image_size=32, crop=specs.LFW_CROP)[0]
     slot = 2 * (700 - 500) + 1  # View 1 is interleaved: file pair 700 is the 200th different pair -> pair 401
     np.testing.assert_array_equal(images[2 * slot + 1], direct)  # right file, right crop, right slot
     assert issame[slot - 1] and not issame[slot]

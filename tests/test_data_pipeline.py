@@ -346,8 +346,7 @@ def test_tfrecord_data_in_a_bucket_is_read_through_tensorflows_file_systems(tmp_
     config = tiny_config("baseline_resnet56")
     config.data.root = bucket
     config.data.train = "tfrecord:{root}/*.tfrecord"
-    train.check_data_urls(config)  # no NonLocalPathError
-    spec = train.resolve_spec(config.data.train, config)
+    spec, _ = train.data_specs(config)  # no NonLocalPathError
     batches, info = make_train_dataset(spec, batch_size=4, image_size=SIZE, shuffle_buffer=8, **ONE_PROCESS)
     assert info["num_images"] == 12 and info["num_classes"] == 4 and bucket in info["source"]
     seen = set()
@@ -447,7 +446,7 @@ def test_recordio_source(tmp_path, caplog):
 
 
 def test_lfw_training_people_never_in_dev_test(lfw_dir):
-    src = sources.lfw_source(str(lfw_dir))
+    src = sources.open_source(f"lfw:{lfw_dir}", image_size=SIZE)
     people = sources.read_people(str(lfw_dir / "peopleDevTrain.txt"))
     assert src.num_classes == sum(1 for _, n in people if n >= 2)
     test_names = set()
@@ -461,7 +460,7 @@ def test_lfw_training_people_never_in_dev_test(lfw_dir):
 
 
 def test_bad_specs(tmp_path):
-    with pytest.raises(ValueError, match="synthetic .*folder:DIR"):
+    with pytest.raises(ValueError, match="synthetic.*folder:DIR"):
         make_train_dataset("nonsense:x", batch_size=2, **ONE_PROCESS)
     with pytest.raises(FileNotFoundError, match="missing"):
         make_train_dataset(f"folder:{tmp_path}/missing", batch_size=2, **ONE_PROCESS)

@@ -32,8 +32,7 @@ import numpy as np
 from PIL import Image
 
 from facekd_jax.data import images as images_lib
-from facekd_jax.data import recordio, verification
-from facekd_jax.data.folder import list_folder
+from facekd_jax.data import recordio, sources, specs, verification
 
 log = logging.getLogger("facekd_jax.data.convert")
 
@@ -102,73 +101,45 @@ class _Skipped:
 # ----------------------------------------------------------------------------------------------------- sources
 
 
-class Source:
-    """Images of a dataset to convert: count, labels int [N] (grouped by label), names, read(i) -> bytes."""
-
-    def __init__(self, labels: np.ndarray, names: Sequence[str], read: Callable[[int], bytes], num_classes: int,
-                 class_names: Optional[List[str]], crop=None, description: str = ""):
-        self.labels = np.asarray(labels)
-        self.names = names
-        self.read = read
-        self.num_classes = int(num_classes)
-        self.class_names = class_names
-        self.crop = crop
-        self.description = description
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-def open_source(spec: str) -> Source:
-    """'folder:DIR[@l,t,r,b]' or 'recordio:DIR' (a bare directory: recordio if it holds a .rec, else folder)."""
-    kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("folder", "recordio"):
-        if os.path.isdir(spec):
-            has_rec = any(f.endswith(".rec") for f in os.listdir(spec))
-            kind, rest = ("recordio" if has_rec else "folder"), spec
-        else:
-            raise ConvertError(f"--input {spec!r}: expected folder:DIR[@l,t,r,b] or recordio:DIR (not found or "
-                               "unknown kind)")
-    if kind == "folder":
-        root, crop = images_lib.split_crop(rest)
-        paths, labels, class_names = list_folder(root)
-
-        def read_file(i: int) -> bytes:
-            with open(paths[i], "rb") as f:
-                return f.read()
-
-        return Source(labels, paths, read_file, len(class_names), class_names, crop,
-                      f"{len(paths)} images of {len(class_names)} people in {root}")
-    path, crop = images_lib.split_crop(rest)
-    index = recordio.read_insightface(path)
-    order = np.argsort(index.labels, kind="stable")  # identity records need images grouped by label
-    names = [f"{index.rec_path} record {int(k)}" for k in index.keys[order]]
-    return Source(index.labels[order], names, lambda i: index.read_image(int(order[i])), index.num_classes, None,
-                  crop, f"{index.num_images} images of {index.num_classes} classes in {index.rec_path}")
+def open_input(text: str) -> Tuple[sources.IndexedSource, np.ndarray]:
+    """A training spec of real images with random access (folder:, lfw:, lfw-all:, recordio:; a bare directory is
+    recordio when it holds a .rec, else folder) -> (source, order): the example indices grouped by label, as
+    insightface's identity records need them."""
+    if ":" not in text and os.path.isdir(text):
+        text = ("recordio:" if any(f.endswith(".rec") for f in os.listdir(text)) else "folder:") + text
+    try:
+        spec = specs.parse(text, specs.TRAIN, field="--input")
+    except specs.SpecError as e:
+        raise ConvertError(str(e)) from None
+    source = sources.open_source(spec, image_size=1)  # the size is the converter's: nothing is decoded here
+    if not isinstance(source, sources.IndexedSource) or source.read_bytes is None:
+        raise ConvertError(f"--input {text!r}: the converters read real images with random access (folder:, lfw:, "
+                           "lfw-all:, recordio:)")
+    return source, np.argsort(source.labels, kind="stable")
 
 
-def iter_prepared(source: Source, *, image_size: int, workers: int, skipped: _Skipped,
-                  progress: bool = True) -> Iterator[Tuple[bytes, int]]:
-    """(JPEG bytes, label) for every decodable image of `source`, in order; corrupt ones skipped and logged."""
+def iter_prepared(source: sources.IndexedSource, order: np.ndarray, *, image_size: int, workers: int,
+                  skipped: _Skipped, progress: bool = True) -> Iterator[Tuple[bytes, int]]:
+    """(JPEG bytes, label) for every decodable image of `source`, in `order`; corrupt ones skipped and logged."""
     from tqdm import tqdm
 
     def work(i: int):
-        name = source.names[i]
+        name = source.name_of(i)
         try:
-            data = source.read(i)
+            data = source.read_bytes(i)
             return prepare_image(data, image_size=image_size, crop=source.crop, name=name), None
         except images_lib.ImageDecodeError as e:
             return None, e
         except OSError as e:  # unreadable file: same treatment as a corrupt one
             return None, images_lib.ImageDecodeError(f"cannot read image {name}: {e}")
 
-    results = _ordered_map(work, iter(range(len(source))), workers=workers)
-    bar = tqdm(total=len(source), unit="img", desc="convert", disable=not progress, mininterval=1.0)
+    results = _ordered_map(work, iter(order), workers=workers)
+    bar = tqdm(total=len(order), unit="img", desc="convert", disable=not progress, mininterval=1.0)
     try:
-        for i, (data, err) in enumerate(results):
+        for i, (data, err) in zip(order, results):
             bar.update(1)
             if data is None:
-                skipped.add(source.names[i], err)
+                skipped.add(source.name_of(i), err)
                 continue
             yield data, int(source.labels[i])
     finally:
@@ -268,7 +239,8 @@ def write_tfds(out_dir: str, items: Iterator[Tuple[bytes, int]], *, num_classes:
 
 def convert_dataset(input_spec: str, output: str, *, output_format: str = "recordio", image_size: int = 112,
                     overwrite: bool = False, workers: Optional[int] = None, progress: bool = True) -> dict:
-    """Converts a folder or RecordIO dataset into insightface RecordIO or a TFDS directory at `output`.
+    """Converts a dataset of real images (folder:, lfw:, lfw-all:, recordio:) into insightface RecordIO or a TFDS
+    directory at `output`.
 
     Returns a summary dict(num_images, num_classes, skipped (list of names), output).
     """
@@ -278,11 +250,11 @@ def convert_dataset(input_spec: str, output: str, *, output_format: str = "recor
         raise ConvertError(f"--image-size {image_size}: must be positive")
     output = os.path.abspath(output)
     _check_output(output, overwrite)
-    source = open_source(input_spec)
+    source, order = open_input(input_spec)
     log.info("converting %s -> %s (%s, %dx%d)", source.description, output, output_format, image_size, image_size)
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     skipped = _Skipped()
-    items = iter_prepared(source, image_size=image_size, workers=workers, skipped=skipped, progress=progress)
+    items = iter_prepared(source, order, image_size=image_size, workers=workers, skipped=skipped, progress=progress)
     tmp = f"{output}.tmp-{os.getpid()}"
     _remove(tmp)
     try:
@@ -342,7 +314,10 @@ def pairs_to_bin(pairs_txt: str, images_dir: str, output: str, *, image_size: in
 
 
 def _crop_arg(text: str):
-    return images_lib.split_crop("x@" + text)[1]
+    try:
+        return specs.parse_crop(text, f"--crop {text}")
+    except specs.SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _dataset_parser() -> argparse.ArgumentParser:
@@ -350,7 +325,8 @@ def _dataset_parser() -> argparse.ArgumentParser:
         prog="python -m facekd_jax.data.convert",
         description="Convert a folder-per-person or insightface RecordIO dataset to insightface RecordIO or TFDS. "
                     "(For verification pairs: python -m facekd_jax.data.convert pairs-to-bin --help)")
-    p.add_argument("--input", required=True, help="folder:DIR[@l,t,r,b] (one sub-folder per person) or recordio:DIR")
+    p.add_argument("--input", required=True, help="folder:DIR[@l,t,r,b] (one sub-folder per person), recordio:DIR, "
+                                                  "lfw:DIR or lfw-all:DIR")
     p.add_argument("--output-format", choices=("recordio", "tfds"), default="recordio")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--image-size", type=int, default=112, help="side of the stored square images (default 112)")

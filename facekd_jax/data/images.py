@@ -50,21 +50,6 @@ class _CorruptCounter:
 CORRUPT = _CorruptCounter()
 
 
-def split_crop(spec: str) -> Tuple[str, Crop]:
-    """'path@l,t,r,b' -> ('path', (l, t, r, b)); 'path' -> ('path', None)."""
-    if "@" not in spec:
-        return spec, None
-    path, box = spec.rsplit("@", 1)
-    try:
-        values = tuple(int(v) for v in box.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]:
-        raise ValueError(
-            f"crop box {box!r} in spec {spec!r} must be '@left,top,right,bottom' with right > left and bottom > top")
-    return path, values
-
-
 def _pil_decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Bytes -> uint8 [H, W, 3] RGB with Pillow; raises ImageDecodeError naming `name`."""
     try:

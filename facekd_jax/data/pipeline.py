@@ -53,6 +53,7 @@ except RuntimeError:  # TF already initialised its devices (someone used it firs
 
 from facekd_jax.data import images as images_lib  # noqa: E402
 from facekd_jax.data import sources as sources_lib  # noqa: E402
+from facekd_jax.data import specs as specs_lib  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def _indexed_dataset(src: sources_lib.IndexedSource, *, batch_size: int, image_s
 _DECODED: "collections.OrderedDict[tuple, Optional[Tuple[np.ndarray, np.ndarray]]]" = collections.OrderedDict()
 
 
-def decode_once(src: sources_lib.IndexedSource, *, spec: str,
+def decode_once(src: sources_lib.IndexedSource, *, spec: specs_lib.DataSpec,
                 image_size: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Every example of `src` decoded once (cached per process on spec, size, crop and count): (images uint8
     [N, S, S, 3], used int64 [N]), where used[i] is the example the pipeline takes for example i: i itself, or for
@@ -426,14 +427,14 @@ def _stream_dataset(src: sources_lib.StreamSource, *, batch_size: int, image_siz
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, seed: int = 0, start_step: int = 0,
+def make_train_dataset(spec: "str | specs_lib.DataSpec", *, batch_size: int, image_size: int = 112, seed: int = 0, start_step: int = 0,
                        augment: bool = True, process_index: Optional[int] = None,
                        process_count: Optional[int] = None, shuffle_buffer: Optional[int] = None,
                        teacher_embeddings: Optional[np.ndarray] = None,
                        decode_once_max_bytes: int = DECODE_ONCE_MAX_BYTES) -> Tuple[Batches, Dict[str, Any]]:
     """Training batches for this process.
 
-    spec: see facekd_jax.data.sources (synthetic | folder: | lfw: | recordio: | tfrecord: | tfds:).
+    spec: a training spec, string or parsed (facekd_jax.data.specs: synthetic | folder: | lfw: | recordio: | ...).
     batch_size: images per batch for THIS process (global batch // process_count).
     start_step: yield what an uninterrupted iterator yields from its (start_step+1)-th batch on.
     process_index / process_count: default jax.process_index() / jax.process_count().
@@ -454,6 +455,7 @@ def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, see
         raise ValueError(f"make_train_dataset({spec!r}): need batch_size >= 1, image_size >= 1, start_step >= 0; "
                          f"got {batch_size}, {image_size}, {start_step}")
     process_index, process_count = _process(process_index, process_count)
+    spec = specs_lib.parse(spec, specs_lib.TRAIN)
     src = sources_lib.open_source(spec, image_size=image_size)
     if src.synthetic:
         log.warning("training data is SYNTHETIC: %s", src.description)
@@ -497,7 +499,7 @@ def make_train_dataset(spec: str, *, batch_size: int, image_size: int = 112, see
         batches = Batches(ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options()), start_step=start_step)
     global_batch = batch_size * process_count
     info = dict(num_classes=int(src.num_classes), num_images=int(src.num_images), source=src.description,
-                synthetic=bool(src.synthetic), spec=spec, image_size=int(image_size), batch_size=int(batch_size),
+                synthetic=bool(src.synthetic), spec=str(spec), image_size=int(image_size), batch_size=int(batch_size),
                 global_batch_size=global_batch, steps_per_epoch=max(1, math.floor(src.num_images / global_batch)),
                 process_index=process_index, process_count=process_count)
     return batches, info

@@ -1,6 +1,8 @@
-"""Training sources behind one spec string.
+"""Training sources: the readers behind the training data specs (facekd_jax.data.specs has their syntax).
 
-  synthetic | synthetic:C:K[:SEED]     procedurally generated faces (facekd_jax.data.synthetic)
+  source = open_source("lfw:../shared/data/lfw", image_size=112)   # or a parsed specs.DataSpec
+
+  synthetic[:C:K[:SEED]]               procedurally generated faces (facekd_jax.data.synthetic)
   folder:DIR[@l,t,r,b]                 one sub-folder per person (JPEG, PNG, BMP, PGM, ...)
   lfw:DIR[@l,t,r,b]                    LFW people of DIR/peopleDevTrain.txt with >= 2 images, from
                                        DIR/lfw-deepfunneled, crop 62,55,188,181 unless given
@@ -12,9 +14,8 @@
   tfds:NAME[:SPLIT] | tfds:DIR[:SPLIT] a prepared TFDS dataset (catalog name, or a directory for
                                        tfds.builder_from_directory, e.g. the converter's output)
 
-A DIR (or a verification set's FILE, data.verification) may be a URL (gs://...): folder, lfw, lfw-all,
-recordio and the verification specs bin, lfw and lfw-view2 are read from a local copy pulled once per process
-(`local_spec`, facekd_jax.paths); tfrecord GLOBs are read by TensorFlow's file systems in place.
+A DIR may be a URL (gs://...) where the kind's registry entry says COPY (read from a local copy pulled once per
+process, specs.local); tfrecord GLOBs are read by TensorFlow's file systems in place.
 
 Two kinds of source. An `IndexedSource` (synthetic, folder, lfw, recordio) reads example i directly, so the
 pipeline orders examples itself (a seeded permutation per epoch) and can resume at any step exactly. A
@@ -32,19 +33,15 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from facekd_jax import paths
 from facekd_jax.data import images as images_lib
+from facekd_jax.data import specs as specs_lib
 from facekd_jax.data import synthetic as synthetic_lib
+from facekd_jax.data.specs import LFW_IMAGES, DataSpec
 
 log = logging.getLogger(__name__)
 
-LFW_CROP = (62, 55, 188, 181)
-LFW_IMAGES = "lfw-deepfunneled"
 IMAGE_KEYS = ("image", "image/encoded")
 LABEL_KEYS = ("label", "image/class/label")
-SPEC_HELP = ("synthetic | synthetic:NUM_CLASSES:IMAGES_PER_CLASS[:SEED] | folder:DIR[@l,t,r,b] | lfw:DIR[@l,t,r,b] | "
-             "lfw-all:DIR[@l,t,r,b] | "
-             "recordio:DIR[@l,t,r,b] | tfrecord:GLOB[@l,t,r,b] | tfds:NAME[:SPLIT] (or tfds:DIR[:SPLIT])")
 
 
 @dataclasses.dataclass
@@ -56,6 +53,8 @@ class IndexedSource:
       read(index int64 [...]) -> encoded image bytes, same shape, and name(index) -> what the log calls it;
       the pipeline decodes with images.decode_image_tf and `crop`. `read_batched`: read() is cheap per call
       on a whole batch (one Python call) and should be called on batches rather than per example.
+    Files and records are also readable from Python (the converters, export calibration): read_bytes(i) ->
+    encoded bytes and name_of(i) -> str.
     """
     description: str
     labels: np.ndarray
@@ -67,6 +66,8 @@ class IndexedSource:
     name: Optional[Callable[[tf.Tensor], tf.Tensor]] = None
     read_batched: bool = False
     class_names: Optional[List[str]] = None
+    read_bytes: Optional[Callable[[int], bytes]] = None
+    name_of: Optional[Callable[[int], str]] = None
 
     @property
     def num_images(self) -> int:
@@ -89,65 +90,24 @@ class StreamSource:
     class_names: Optional[List[str]] = None
 
 
-# ----------------------------------------------------------------------------------------------------- parsing
-
-
-def split_spec(spec: str) -> Tuple[str, str]:
-    """'kind:rest' -> (kind, rest); a bare 'synthetic' -> ('synthetic', ''). Raises ValueError naming the spec."""
-    kind, sep, rest = spec.partition(":")
-    kinds = ("synthetic", "folder", "lfw", "lfw-all", "recordio", "tfrecord", "tfds")
-    if kind not in kinds or (not sep and kind != "synthetic") or (sep and not rest):
-        raise ValueError(f"unknown training data spec {spec!r}; expected one of: {SPEC_HELP}")
-    return kind, rest
-
-
-# Training specs whose rest is a local path (DIR[@crop]).
-PATH_KINDS = ("folder", "lfw", "lfw-all", "recordio")
-# Specs (training and verification) whose path is read with Python's file functions: a URL there is read from a
-# local copy.
-COPIED_KINDS = PATH_KINDS + ("bin", "lfw-view2")
-
-
-def local_spec(spec: str) -> str:
-    """The spec with its URL path (COPIED_KINDS) replaced by a local copy of it (`paths.local_copy`: pulled once per
-    process into $FACEKD_CACHE_DIR/workdirs), the crop box kept; any other spec unchanged."""
-    kind, _, rest = spec.partition(":")
-    if kind not in COPIED_KINDS or not paths.is_url(rest):
-        return spec
-    path, _ = images_lib.split_crop(rest)
-    return f"{kind}:{paths.local_copy(path)}{rest[len(path):]}"
+def open_source(spec: "str | DataSpec", *, image_size: int) -> IndexedSource | StreamSource:
+    """A training spec (string or parsed) -> a source (see the module docstring). Raises specs.SpecError /
+    FileNotFoundError / ValueError naming the spec."""
+    return _open(specs_lib.parse(spec, specs_lib.TRAIN), int(image_size))
 
 
 @functools.lru_cache(maxsize=4)
-def open_source(spec: str, *, image_size: int) -> IndexedSource | StreamSource:
-    """Spec string -> a source (see the module docstring). Raises FileNotFoundError / ValueError naming the spec.
-
-    Cached (the last few specs): the train loop asks for the class count before it builds the pipeline, and
-    a TFRecord source counts its labels with a pass over the files.
-    """
-    kind, rest = split_spec(local_spec(spec))
-    if kind == "synthetic":
-        return synthetic_source(spec, image_size=image_size)
-    if kind == "folder":
-        root, crop = images_lib.split_crop(rest)
-        return folder_source(root, crop=crop)
-    if kind in ("lfw", "lfw-all"):
-        root, crop = images_lib.split_crop(rest)
-        return lfw_source(root, crop=crop or LFW_CROP, min_images=2 if kind == "lfw" else 1)
-    if kind == "recordio":
-        root, crop = images_lib.split_crop(rest)
-        return recordio_source(root, crop=crop)
-    if kind == "tfrecord":
-        pattern, crop = images_lib.split_crop(rest)
-        return tfrecord_source(pattern, crop=crop)
-    return tfds_source(rest)
+def _open(spec: DataSpec, image_size: int) -> IndexedSource | StreamSource:
+    """Cached (the last few specs): the train loop asks for the class count before it builds the pipeline, and
+    a TFRecord source counts its labels with a pass over the files."""
+    return spec.info.reader(specs_lib.TRAIN)(specs_lib.local(spec), image_size=image_size)
 
 
 # ----------------------------------------------------------------------------------------------------- indexed
 
 
-def synthetic_source(spec: str, *, image_size: int) -> IndexedSource:
-    num_classes, per_class, seed = synthetic_lib.parse_spec(spec)
+def synthetic_source(spec: DataSpec, *, image_size: int) -> IndexedSource:
+    num_classes, per_class, seed = synthetic_lib.parse_spec(str(spec))
     faces = synthetic_lib.SyntheticFaces(num_classes, per_class, image_size=image_size, seed=seed)
     return IndexedSource(
         description=(f"SYNTHETIC faces ({num_classes} procedurally generated identities x {per_class} images, "
@@ -165,14 +125,19 @@ def _file_source(paths: List[str], labels: np.ndarray, class_names: List[str], c
     def path_of(i):
         return tf.gather(paths_t, i)
 
+    def read_bytes(i: int) -> bytes:
+        with open(paths[int(i)], "rb") as f:
+            return f.read()
+
     return IndexedSource(description=description, labels=np.asarray(labels, np.int32),
                          num_classes=len(class_names), crop=crop, read=read_file, name=path_of,
-                         class_names=list(class_names))
+                         class_names=list(class_names), read_bytes=read_bytes, name_of=lambda i: paths[int(i)])
 
 
-def folder_source(root: str, *, crop=None) -> IndexedSource:
+def folder_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
     """DIR/<person>/<image>: labels from the sorted sub-folder names (facekd_jax.data.folder.list_folder)."""
     from facekd_jax.data.folder import list_folder
+    root, crop = spec.path, spec.crop
     paths, labels, class_names = list_folder(root)
     return _file_source(paths, labels, class_names, crop,
                         f"folder {root}: {len(paths)} images of {len(class_names)} people"
@@ -193,8 +158,10 @@ def read_people(path: str) -> List[Tuple[str, int]]:
     return people
 
 
-def lfw_source(root: str, *, crop=LFW_CROP, min_images: int = 2) -> IndexedSource:
-    """LFW's View 1 training people (peopleDevTrain.txt) with >= min_images images; never in pairsDevTest.txt."""
+def lfw_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
+    """LFW's View 1 training people (peopleDevTrain.txt), never in pairsDevTest.txt: `lfw:` those with >= 2
+    images, `lfw-all:` all of them."""
+    root, crop, min_images = spec.path, spec.crop_or_default, 2 if spec.kind == "lfw" else 1
     people_txt = os.path.join(root, "peopleDevTrain.txt")
     images_dir = os.path.join(root, LFW_IMAGES)
     for p in (people_txt, images_dir):
@@ -215,9 +182,10 @@ def lfw_source(root: str, *, crop=LFW_CROP, min_images: int = 2) -> IndexedSourc
                         f">= {min_images} images, crop {crop}")
 
 
-def recordio_source(root: str, *, crop=None) -> IndexedSource:
+def recordio_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
     """insightface train.rec via recordio.read_insightface; image bytes are sliced from a memory map."""
     from facekd_jax.data.recordio import read_insightface
+    root, crop = spec.path, spec.crop
     index = read_insightface(root)
 
     def read_np(i: np.ndarray) -> np.ndarray:
@@ -240,7 +208,8 @@ def recordio_source(root: str, *, crop=None) -> IndexedSource:
     return IndexedSource(
         description=f"recordio {index.rec_path}: {index.num_images} images of {index.num_classes} classes",
         labels=np.asarray(index.labels, np.int32), num_classes=int(index.num_classes), crop=crop,
-        read=read, name=record_name, read_batched=True)
+        read=read, name=record_name, read_batched=True, read_bytes=lambda i: index.read_image(int(i)),
+        name_of=lambda i: f"{index.rec_path} record {int(index.keys[int(i)])}")
 
 
 # ----------------------------------------------------------------------------------------------------- streaming
@@ -267,8 +236,9 @@ def _example_keys(path: str) -> Tuple[str, str]:
     raise ValueError(f"{path}: empty TFRecord file")
 
 
-def tfrecord_source(pattern: str, *, crop=None, shuffle_buffer: int = 10_000) -> StreamSource:
+def tfrecord_source(spec: DataSpec, *, image_size: int = 0, shuffle_buffer: int = 10_000) -> StreamSource:
     """TFRecord files of tf.train.Example. Counts images and classes with one label-only pass over the files."""
+    pattern, crop = spec.path, spec.crop
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no TFRecord files match {pattern!r} (spec 'tfrecord:{pattern}')")
@@ -313,23 +283,13 @@ def tfrecord_source(pattern: str, *, crop=None, shuffle_buffer: int = 10_000) ->
         num_images=num_images, num_classes=num_classes, dataset=dataset, crop=crop)
 
 
-def _split_tfds(rest: str) -> Tuple[str, str]:
-    """'NAME[:SPLIT]' or 'DIR[:SPLIT]' -> (name or dir, split), split default 'train'. The split may hold
-    colons itself ('train[:90%]'), so the first colon ends the name."""
-    if os.path.isdir(rest):
-        return rest, "train"
-    name, _, split = rest.partition(":")
-    return name, split or "train"
-
-
-def tfds_source(rest: str, *, shuffle_buffer: int = 10_000) -> StreamSource:
+def tfds_source(spec: DataSpec, *, image_size: int = 0, shuffle_buffer: int = 10_000) -> StreamSource:
     """A prepared TFDS dataset: a catalog name (prepared under TFDS's data_dir, or downloaded and prepared now)
     or a directory (tfds.builder_from_directory). Features "image" (Image) and "label" (ClassLabel, int, or Text:
     mapped to ints through the sorted vocabulary of the split)."""
     import tensorflow_datasets as tfds
 
-    name, split = _split_tfds(rest)
-    spec = f"tfds:{rest}"
+    name, split = spec.path, (spec.options[0] if spec.options else "") or "train"
     if os.path.isdir(name):
         builder = tfds.builder_from_directory(name)
     else:

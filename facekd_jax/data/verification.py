@@ -1,12 +1,13 @@
-"""Verification sets: insightface `.bin` files and LFW-style `pairs.txt` + image folder.
+"""Verification sets: the readers behind the verification specs (facekd_jax.data.specs has their syntax).
 
-Specs (see load_verification):
   bin:FILE                          insightface pickle of (2N encoded images, N issame bools)
   pairs:PAIRS_TXT:IMAGES_DIR[@l,t,r,b]  LFW layout: image i of `name` is IMAGES_DIR/name/name_%04d.jpg
   lfw:DIR[@l,t,r,b]                 View 1 test pairs (DIR/pairsDevTest.txt, 1,000 pairs), images
                                     DIR/lfw-deepfunneled, crop 62,55,188,181 unless given
   lfw-view2:DIR[@l,t,r,b]           View 2 (DIR/pairs.txt, 6,000 pairs in 10 folds), same images and crop
   synthetic[:N_PAIRS[:SEED]]        pairs of synthetic identities (facekd_jax.data.synthetic)
+
+Each reader takes a parsed specs.DataSpec and returns (images uint8 [2N, S, S, 3] RGB, issame bool [N]).
 """
 from __future__ import annotations
 
@@ -14,16 +15,15 @@ import logging
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from facekd_jax.data import images as images_lib
+from facekd_jax.data import specs as specs_lib
+from facekd_jax.data.specs import LFW_IMAGES, DataSpec
 
 log = logging.getLogger(__name__)
-
-LFW_CROP = (62, 55, 188, 181)
-LFW_IMAGES = "lfw-deepfunneled"
 SYNTHETIC_PAIRS = 600  # default "synthetic" size: 10 folds of 60 pairs
 # Tried in this order when IMAGES_DIR/name/name_%04d.jpg is absent (copies re-saved in another format).
 _FALLBACK_EXTENSIONS = (".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", ".tiff", ".webp", ".JPG", ".JPEG",
@@ -234,13 +234,6 @@ def write_bin(path: str, encoded: Sequence[bytes], issame: Sequence[bool]) -> No
             os.remove(tmp)
 
 
-def _split_pairs_spec(rest: str, spec: str) -> Tuple[str, str]:
-    if ":" not in rest:
-        raise ValueError(f"verification spec {spec!r}: expected 'pairs:PAIRS_TXT:IMAGES_DIR[@l,t,r,b]'")
-    pairs_txt, images_dir = rest.split(":", 1)
-    return pairs_txt, images_dir
-
-
 def _lfw_dirs(root: str) -> str:
     images = os.path.join(root, LFW_IMAGES)
     if not os.path.isdir(images):
@@ -248,60 +241,62 @@ def _lfw_dirs(root: str) -> str:
     return images
 
 
-def load_verification(spec: str, *, image_size: int = 112) -> Tuple[np.ndarray, np.ndarray]:
+def bin_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    return load_bin(spec.path, image_size=image_size, crop=spec.crop)
+
+
+def txt_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    return load_pairs(spec.path, spec.options[0], image_size=image_size, crop=spec.crop)
+
+
+# The pairs file of each LFW verification kind, in DIR.
+LFW_PAIRS = {"lfw": "pairsDevTest.txt", "lfw-view2": "pairs.txt"}
+
+
+def lfw_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    if not os.path.isdir(spec.path):
+        raise FileNotFoundError(f"LFW folder not found: {spec.path} (spec {str(spec)!r})")
+    return load_pairs(os.path.join(spec.path, LFW_PAIRS[spec.kind]), _lfw_dirs(spec.path), image_size=image_size,
+                      crop=spec.crop_or_default)
+
+
+def synthetic_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    if len(spec.options) > 2:
+        raise specs_lib.SpecError(f"verification spec {str(spec)!r}: expected 'synthetic[:N_PAIRS[:SEED]]'")
+    try:
+        n_pairs = int(spec.options[0]) if spec.options else SYNTHETIC_PAIRS
+        seed = int(spec.options[1]) if len(spec.options) > 1 else 0
+    except ValueError:
+        raise specs_lib.SpecError(f"verification spec {str(spec)!r}: N_PAIRS and SEED are integers") from None
+    from facekd_jax.data import synthetic
+    return synthetic.verification_pairs(n_pairs, image_size=image_size, seed=seed)
+
+
+def load_verification(spec: "str | DataSpec", *, image_size: int = 112) -> Tuple[np.ndarray, np.ndarray]:
     """Verification spec -> (images uint8 [2N, S, S, 3] RGB, issame bool [N]); pair k is images[2k], images[2k+1].
 
-    Specs: "bin:FILE" | "pairs:PAIRS_TXT:IMAGES_DIR[@l,t,r,b]" | "lfw:DIR[@l,t,r,b]" (pairsDevTest.txt, crop
-    62,55,188,181 by default) | "lfw-view2:DIR[@l,t,r,b]" (pairs.txt) | "synthetic[:N_PAIRS[:SEED]]".
-    Greyscale and non-square images become RGB S x S (crop box first, then resize). The FILE or DIR of bin, lfw and
-    lfw-view2 may be a URL (read from a local copy, sources.local_spec).
+    Specs: see the module docstring and specs.KINDS. Greyscale and non-square images become RGB S x S (crop box
+    first, then resize). A URL path of a COPY kind (bin, lfw, lfw-view2) is read from a local copy.
     """
-    from facekd_jax.data.sources import local_spec
-
-    kind, _, rest = local_spec(spec).partition(":")
-    if kind == "bin":
-        path, crop = images_lib.split_crop(rest)
-        return load_bin(path, image_size=image_size, crop=crop)
-    if kind == "pairs":
-        body, crop = images_lib.split_crop(rest)
-        pairs_txt, images_dir = _split_pairs_spec(body, spec)
-        return load_pairs(pairs_txt, images_dir, image_size=image_size, crop=crop)
-    if kind in ("lfw", "lfw-view2"):
-        root, crop = images_lib.split_crop(rest)
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"LFW folder not found: {root} (spec {spec!r})")
-        pairs_txt = os.path.join(root, "pairsDevTest.txt" if kind == "lfw" else "pairs.txt")
-        return load_pairs(pairs_txt, _lfw_dirs(root), image_size=image_size, crop=crop or LFW_CROP)
-    if kind == "synthetic":
-        fields = rest.split(":") if rest else []
-        if len(fields) > 2:
-            raise ValueError(f"verification spec {spec!r}: expected 'synthetic[:N_PAIRS[:SEED]]'")
-        n_pairs = int(fields[0]) if fields else SYNTHETIC_PAIRS
-        seed = int(fields[1]) if len(fields) > 1 else 0
-        from facekd_jax.data import synthetic
-        return synthetic.verification_pairs(n_pairs, image_size=image_size, seed=seed)
-    if spec.endswith(".bin") and os.path.isfile(spec):
-        return load_bin(spec, image_size=image_size)
-    raise ValueError(f"unknown verification spec {spec!r}: expected bin:FILE, pairs:PAIRS_TXT:IMAGES_DIR[@l,t,r,b], "
-                     "lfw:DIR, lfw-view2:DIR or synthetic[:N_PAIRS[:SEED]]")
+    spec = specs_lib.parse(spec, specs_lib.VERIFICATION)
+    return spec.info.reader(specs_lib.VERIFICATION)(specs_lib.local(spec), image_size=image_size)
 
 
-def verification_name(spec: str) -> str:
+def verification_name(spec: "str | DataSpec") -> str:
     """Short name for logs: "bin:/d/agedb_30.bin" -> "agedb_30", "lfw:DIR" -> "lfw", "lfw-view2:DIR" -> "lfw-view2",
     "pairs:/d/lfw/pairs.txt:/d/lfw/imgs" -> "lfw" (the pairs file's folder when the file is called pairs.txt),
     "synthetic..." -> "synthetic"."""
-    kind, _, rest = spec.partition(":")
-    if kind in ("lfw", "lfw-view2", "synthetic"):
-        return kind
-    if kind == "bin" or (not rest and spec.endswith(".bin")):
-        path, _ = images_lib.split_crop(rest if kind == "bin" else spec)
-        return os.path.splitext(os.path.basename(path))[0]
-    if kind == "pairs":
-        body, _ = images_lib.split_crop(rest)
-        pairs_txt = body.split(":", 1)[0]
-        stem = os.path.splitext(os.path.basename(pairs_txt))[0]
-        if stem.lower() == "pairs":
-            parent = os.path.basename(os.path.dirname(os.path.abspath(pairs_txt)))
-            return parent or stem
-        return stem
-    return kind
+    return specs_lib.name(specs_lib.parse(spec, specs_lib.VERIFICATION))
+
+
+def load_targets(specs: Sequence[str], *, image_size: int, root: Optional[str] = None, log_fn=log.info
+                 ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """{short name: (images, issame)} of every verification spec in `specs` (config.data.val_targets; `{root}`
+    stands for `root`), in order."""
+    targets = {}
+    for i, text in enumerate(specs):
+        spec = specs_lib.parse(text, specs_lib.VERIFICATION, root=root, field=f"config.data.val_targets[{i}]")
+        name = specs_lib.name(spec)
+        targets[name] = load_verification(spec, image_size=image_size)
+        log_fn("verification set %s: %d pairs from %s", name, len(targets[name][1]), spec)
+    return targets

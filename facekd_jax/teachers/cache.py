@@ -60,18 +60,14 @@ def weights_fingerprint(params: Any) -> str:
     return h.hexdigest()
 
 
-def data_identity(spec: str, source) -> Dict[str, Any]:
-    """What makes a training source the same one: its spec without a crop (the cache has its own), the image
-    count, the identity count and a digest of the labels in source order."""
-    from facekd_jax.data import images as images_lib
-    from facekd_jax.data import sources as sources_lib
+def data_identity(spec, source) -> Dict[str, Any]:
+    """What makes a training source the same one: its spec (string or parsed) without a crop (the cache has its
+    own), a local path absolute, the image count, the identity count and a digest of the labels in source order."""
+    from facekd_jax.data import specs as specs_lib
 
-    kind, _, rest = spec.partition(":")
-    base = kind if not rest else f"{kind}:{images_lib.split_crop(rest)[0]}"
-    if kind in sources_lib.PATH_KINDS:
-        base = f"{kind}:{paths.canonical(images_lib.split_crop(rest)[0])}"  # a URL as given
-    return {"spec": base, "num_images": int(source.num_images), "num_classes": int(source.num_classes),
-            "labels_sha256": _labels_digest(source.labels)}
+    spec = specs_lib.parse(spec, specs_lib.TRAIN)
+    return {"spec": specs_lib.canonical_path(spec), "num_images": int(source.num_images),
+            "num_classes": int(source.num_classes), "labels_sha256": _labels_digest(source.labels)}
 
 
 class TeacherCache:
@@ -198,8 +194,7 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
     import jax.numpy as jnp
     import tensorflow as tf
 
-    from facekd_jax import checkpoint as ckpt_lib
-    from facekd_jax import models
+    from facekd_jax import rundir
     from facekd_jax.data import images as images_lib
     from facekd_jax.data import sources as sources_lib
     from facekd_jax.teachers.imported import read_teacher_run
@@ -207,6 +202,9 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
     if paths.is_url(out):
         raise ValueError(f"--out={out}: a cache is written to a local folder (memory-mapped); build it here and copy "
                          "it to the bucket (gsutil -m cp -r), a run reads a gs:// cache from a local copy")
+    from facekd_jax.data import specs as specs_lib
+
+    spec = specs_lib.parse(spec, specs_lib.TRAIN, field="--data")
     local = paths.local_copy(teacher_workdir)  # a URL: its local copy
     run = read_teacher_run(local)
     size = run.image_size
@@ -214,17 +212,9 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
     if not isinstance(source, sources_lib.IndexedSource):
         raise ValueError(f"--data={spec}: a teacher cache needs an indexed source (synthetic, folder, lfw, "
                          "recordio); a streaming source has no stable example index")
-    crop = _crop_arg(crop) or run.crop_for(spec) or source.crop
-    model = models.build_model(run.model, embedding_size=run.embedding_size, image_size=size)
-    abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-                                                 jnp.zeros((1, size, size, 3)), train=False))
-    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": {"backbone": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                                                  abstract["params"])},
-              "batch_stats": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                                          abstract.get("batch_stats", {}))}
-    variables, _ = ckpt_lib.restore_variables(local, target, which=checkpoint)
-    variables = {"params": variables["params"]["backbone"], "batch_stats": variables.get("batch_stats", {})}
+    crop = _crop_arg(crop) or run.crop_for(str(spec)) or source.crop
+    restored = rundir.load_model(local, which=checkpoint, layers={})
+    model, variables = restored.module, restored.variables
 
     n, e = source.num_images, run.embedding_size
     header = {"format": FORMAT, "version": VERSION,
