@@ -1,6 +1,6 @@
 """The PyTorch reference of facekd_jax's train step, for benchmarks/train_step.py --torch.
 
-The same computation as facekd_jax.train.make_train_step with configs/default.py (and configs/feature_kd.py
+The same computation as facekd_jax.step.make_train_step with configs/default.py (and configs/feature_kd.py
 with a teacher), written the way an arcface_torch user would:
   student  facekd_jax.models.resnet: post-activation basic blocks, option-B (conv1x1 + BN) projection
            shortcuts; resnet56 = CIFAR body (conv3x3 16 stem, 3 x 9 blocks of 16/32/64 channels), resnet18 =

@@ -1,6 +1,6 @@
 """Benchmark: full training steps (forward, ArcFace loss, backward, optimiser update) of facekd_jax's train step.
 
-It runs the step `facekd_jax.train.setup` builds, the jitted step the training loop runs, on synthetic batches
+It runs the step `facekd_jax.step.setup` builds, the jitted step the training loop runs, on synthetic batches
 already on the device (the input pipeline is benchmarked by benchmarks/input_pipeline.py). The config is
 configs/default.py (ArcFace, SGD momentum 0.9, weight decay 5e-4, backbone grad clipping 5), or
 configs/feature_kd.py (ArcFace + 100 x feature KD from a frozen teacher) when --teacher is given, with the
@@ -133,14 +133,15 @@ def build_step(args, with_teacher: bool):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from facekd_jax import models
-    from facekd_jax import train as train_lib
+    from facekd_jax import sharding
+    from facekd_jax import step as step_lib
 
     config = make_config(args, with_teacher)
-    mesh = train_lib.make_mesh(1)
+    mesh = sharding.make_mesh(1)
     if args.batch % mesh.shape["data"]:
         raise SystemExit(f"--batch={args.batch} must be divisible by the {mesh.shape['data']} devices")
-    # The LR schedule is irrelevant here; the step is the loop's own (train.setup).
-    run = train_lib.setup(config, num_classes=args.classes, mesh=mesh, num_train_steps=1_000_000)
+    # The LR schedule is irrelevant here; the step is the loop's own (facekd_jax.step.setup).
+    run = step_lib.setup(config, num_classes=args.classes, mesh=mesh, num_train_steps=1_000_000)
     state = run.init_state()
     teacher_variables = {}
     if run.teacher is not None:  # random weights: the teacher's values do not change its cost
@@ -162,7 +163,7 @@ def build_step(args, with_teacher: bool):
     # FLOPs of the same step with flax's layers (a oneDNN custom call has no cost analysis), counted before backend
     # optimisation like models.model_summary.
     config.cpu_kernels = "xla"
-    counted = train_lib.setup(config, num_classes=args.classes, mesh=mesh, num_train_steps=1_000_000)
+    counted = step_lib.setup(config, num_classes=args.classes, mesh=mesh, num_train_steps=1_000_000)
     cost = counted.train_step.lower(state, batch, teacher_variables).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     info = dict(compile_s=compile_s, flops=float(cost.get("flops", 0.0)) if cost else 0.0,

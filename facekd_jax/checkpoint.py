@@ -4,7 +4,6 @@ Layout of a workdir:
   WORKDIR/checkpoints/<step>/{state,meta}   newest `max_to_keep` train states + JSON metadata
   WORKDIR/best/<step>/{state,meta}          the best state by a verification metric (when configured)
   WORKDIR/checkpoints/corrupt-<step>/       a damaged checkpoint, moved aside (never deleted) on resume
-  WORKDIR/lock                              held by the run writing to the workdir (WorkdirLock)
 
 A checkpoint is the train state as a plain dict (step, params, batch_stats, opt_state, rng, ...) plus
 metadata (config, step, data position, last metrics, and a fingerprint of every array: `fingerprint`).
@@ -18,7 +17,6 @@ import errno
 import json
 import logging
 import os
-import socket
 import time
 from typing import Any, Callable, Mapping, Optional, Tuple
 
@@ -205,7 +203,7 @@ class Checkpointer:
         fails to restore (truncated or missing files) or whose arrays differ from their saved fingerprints is
         logged with its step and error and moved aside to `checkpoints/corrupt-<step>`; the run then resumes
         from the one before. Nothing is deleted. (A different architecture is not damage: the train loop
-        compares the configs before it gets here, `train.check_resumable`.)
+        compares the configs before it gets here, `rundir.check_resumable`.)
         """
         self.latest.reload()
         for step in sorted(self.latest.all_steps(), reverse=True):
@@ -318,84 +316,3 @@ def restore_variables(workdir: str, abstract_variables: Mapping[str, Any], *, wh
         raise RuntimeError(f"no restorable checkpoint in {directory}: " + "; ".join(errors))
     finally:
         manager.close()
-
-
-class WorkdirLockedError(RuntimeError):
-    """Another live run holds the workdir."""
-
-
-class WorkdirLock:
-    """WORKDIR/lock: one run at a time writes a workdir (two would replace each other's checkpoints).
-
-    The file holds the owner's host, pid and start time. A lock whose owner is on this host and no longer runs
-    is stale (a crashed or killed run): it is taken over, with a log line. A live owner, or one on another host
-    (which this process cannot check), is a WorkdirLockedError naming it and the way out. Only process 0 of a
-    multi-host run takes the lock. Use as a context manager; the lock is released on exit. (A gs:// workdir's
-    lock is an object in the bucket with the same fields: facekd_jax.paths.RemoteWorkdir.)
-    """
-
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "lock")
-        self.held = False
-
-    def _owner(self) -> Optional[dict]:
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}  # half-written by a process that died while writing it: treated as stale below
-
-    def acquire(self) -> None:
-        if jax.process_index() != 0:
-            return
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is None:
-                    continue  # released between our open and our read: try again
-                if owner and (owner.get("host") != me["host"] or _pid_alive(int(owner.get("pid", -1)))):
-                    raise WorkdirLockedError(
-                        f"{os.path.dirname(self.path)} is in use by pid {owner.get('pid')} on host "
-                        f"{owner.get('host')} since {owner.get('since')} ({self.path}). Wait for that run, give "
-                        "this one another --workdir, or, if that process is gone, delete the lock file.")
-                log.warning("taking over the stale lock %s of a run that no longer runs (%s)", self.path,
-                            owner or "unreadable")
-                os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
-        raise WorkdirLockedError(f"could not take the lock {self.path}: other runs keep taking it")
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self) -> "WorkdirLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

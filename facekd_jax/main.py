@@ -41,9 +41,10 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     from facekd_jax.cpu import xla_flags  # pure Python: flags only, no native code
     xla_flags.apply_cpu_defaults(onednn=FLAGS.config.cpu_kernels != "xla")  # before JAX starts a backend
-    from facekd_jax import train  # noqa: E402 (after TF is kept off the GPU)
+    from facekd_jax import eval_only, train  # noqa: E402 (after TF is kept off the GPU)
 
     from facekd_jax import checkpoint as ckpt_lib
+    from facekd_jax import errors
 
     logging.info("config:\n%s", FLAGS.config)
     try:
@@ -54,9 +55,9 @@ def main(argv):
                                 out["step"], EXIT_PREEMPTED)
                 sys.exit(EXIT_PREEMPTED)
         else:
-            train.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
-    except (ckpt_lib.CheckpointSaveError, ckpt_lib.WorkdirLockedError, train.ConfigMismatchError,
-            train.NonFiniteLossError, train.NonLocalPathError) as e:
+            eval_only.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+    except (ckpt_lib.CheckpointSaveError, errors.WorkdirLockedError, errors.InputError,
+            errors.NonFiniteLossError) as e:
         # Expected failures: the cause is the last line, not buried in a traceback.
         logging.error("%s", e)
         sys.exit(f"error: {e}")

@@ -11,10 +11,11 @@ eval files always work on a local folder. A run's workdir given as a URL is *mir
   the newest checkpoint and goes on.
 - `local_copy(url)` pulls a read-only folder or file once per process and returns the local copy:
   a teacher's workdir, a teacher cache, training data (folder, LFW, RecordIO), verification sets (`bin:`, `lfw:`),
-  through `data.sources.local_spec`.
+  through `data.specs.local`.
 
 TFRecord data is read by TensorFlow's own file systems, in place. Specs whose paths cannot be told from their
-separators (`pairs:PAIRS:DIR`) and TFDS directories must be local (`train.check_data_urls`).
+separators (`pairs:PAIRS:DIR`) and TFDS directories must be local (their registry entries in data.specs say
+LOCAL; `specs.check_urls` raises NonLocalPathError).
 
 The URL side is `etils.epath.Path` (Orbax's own path layer): gs:// through tf.io.gfile (TensorFlow is a core
 dependency) or gcsfs, s3:// through fsspec. The bucket lock is advisory: an object store has no exclusive
@@ -34,12 +35,27 @@ import socket
 import time
 from typing import Dict, Iterator, Optional, Tuple
 
+from facekd_jax.errors import WorkdirLockedError
+
 log = logging.getLogger(__name__)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 LOCK = "lock"
 # Never mirrored: the local lock (the bucket has its own), Orbax's unfinished saves (renamed when complete).
 _SKIP = re.compile(r"(^|/)(lock|[^/]*\.orbax-checkpoint-tmp[^/]*)(/|$)")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a lock whose owner is gone is stale)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def is_url(path) -> bool:
@@ -192,7 +208,6 @@ class RemoteWorkdir:
         import jax
         if not self.lock or jax.process_index() != 0:
             return
-        from facekd_jax import checkpoint as ckpt_lib
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         lock = self._lock_path()
         if lock.exists():
@@ -200,8 +215,8 @@ class RemoteWorkdir:
                 owner = json.loads(lock.read_text())
             except (OSError, ValueError):
                 owner = {}
-            if owner.get("host") != me["host"] or ckpt_lib._pid_alive(int(owner.get("pid", -1))):
-                raise ckpt_lib.WorkdirLockedError(
+            if owner.get("host") != me["host"] or pid_alive(int(owner.get("pid", -1))):
+                raise WorkdirLockedError(
                     f"{self.url} is in use by pid {owner.get('pid')} on host {owner.get('host')} since "
                     f"{owner.get('since')} ({lock}). Wait for that run, give this one another --workdir, or, if "
                     "that process is gone, delete the lock object.")

@@ -40,15 +40,15 @@ def one_device():
     import jax
     import pytest
 
-    from facekd_jax import train
+    from facekd_jax import sharding
 
-    original = train.make_mesh
+    original = sharding.make_mesh
 
     def make_mesh(model_parallelism: int = 1, devices=None):
         return original(model_parallelism, jax.devices()[:model_parallelism] if devices is None else devices)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "make_mesh", make_mesh)
+        patch.setattr(sharding, "make_mesh", make_mesh)
         yield
 
 
@@ -58,11 +58,13 @@ def _flag(key: str, value) -> str:
     return f"--config.{key}={value}"
 
 
-def main_command(config_file: str, workdir, overrides: Optional[Dict] = None, mode: str = "train") -> list:
-    """`python -m facekd_jax.main` on configs/FILE.py:tiny with --config.KEY=VALUE overrides."""
+def main_command(config_file: str, workdir, overrides: Optional[Dict] = None, mode: str = "train",
+                 step_sleep: float = 0.0) -> list:
+    """`python -m facekd_jax.main` on configs/FILE.py:tiny with --config.KEY=VALUE overrides; with step_sleep,
+    through tests/slow_main.py, which waits that long before each step (so a test can stop it mid-run)."""
     config = f"{config_file},{TINY_ARG}" if ":" in config_file else f"{config_file}:{TINY_ARG}"
-    args = [sys.executable, "-m", "facekd_jax.main", f"--config={REPO / config}",
-            f"--workdir={workdir}", f"--mode={mode}"]
+    entry = [str(REPO / "tests" / "slow_main.py"), str(step_sleep)] if step_sleep else ["-m", "facekd_jax.main"]
+    args = [sys.executable, *entry, f"--config={REPO / config}", f"--workdir={workdir}", f"--mode={mode}"]
     teacherless = "baseline" in config_file or "teacher_" in config_file
     for key, value in (overrides or {}).items():
         if teacherless and key == "teacher.model":
@@ -107,18 +109,19 @@ def load_params(workdir, which: str = "latest"):
 
 
 def train_setup(config, mesh, num_classes=8, teacher_seed=1):
-    """(train state, jitted train step, teacher variables) for `config` on `mesh`, from train.setup (the loop's own
-    set-up); the teacher's variables are random (seeded), with its margin head."""
+    """(train state, jitted train step, teacher variables) for `config` on `mesh`, from facekd_jax.step.setup (the
+    loop's own set-up); the teacher's variables are random (seeded), with its margin head."""
     import jax
 
-    from facekd_jax import train
+    from facekd_jax import sharding
+    from facekd_jax import step as step_lib
 
-    run = train.setup(config, num_classes=num_classes, mesh=mesh)
+    run = step_lib.setup(config, num_classes=num_classes, mesh=mesh)
     tvars = {}
     if run.teacher is not None:
-        tvars = train.init_variables(run.teacher, num_classes, config.data.image_size, jax.random.PRNGKey(teacher_seed),
+        tvars = step_lib.init_variables(run.teacher, num_classes, config.data.image_size, jax.random.PRNGKey(teacher_seed),
                                      config.teacher.embedding_size,
-                                     padded_classes=train.head_classes(num_classes, mesh.shape["model"]))
+                                     padded_classes=sharding.head_classes(num_classes, mesh.shape["model"]))
     return run.init_state(), run.train_step, tvars
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from runs import REPO, load_params, main_command, run_main, subprocess_env, tiny_config
 from facekd_jax import checkpoint as ckpt_lib
-from facekd_jax import train
+from facekd_jax import errors, optimizer, sharding, train
+from facekd_jax import step as step_lib
 
 
 def _finished_steps(workdir) -> list:
@@ -31,7 +32,8 @@ def _wait_for(predicate, proc, timeout=240):
     return False
 
 
-LONG = {"num_train_steps": 12, "checkpoint_every_steps": 3, "debug_step_sleep": 0.4}
+LONG = {"num_train_steps": 12, "checkpoint_every_steps": 3}
+SLOW = 0.4  # seconds slow_main.py waits before each step, so a run can be killed mid-way
 
 
 def _assert_same_params(a, b):
@@ -44,12 +46,11 @@ def _assert_same_params(a, b):
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical_to_uninterrupted(tmp_path):
     # The uninterrupted run goes on beside the one that is killed (each mostly waits or compiles).
-    straight = subprocess.Popen(main_command("configs/baseline_resnet56.py:smoke", tmp_path / "straight",
-                                             dict(LONG, debug_step_sleep=0.0)),
+    straight = subprocess.Popen(main_command("configs/baseline_resnet56.py:smoke", tmp_path / "straight", LONG),
                                 cwd=REPO, env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(main_command("configs/baseline_resnet56.py:smoke", workdir, LONG), cwd=REPO,
+    proc = subprocess.Popen(main_command("configs/baseline_resnet56.py:smoke", workdir, LONG, step_sleep=SLOW), cwd=REPO,
                             env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert _wait_for(lambda: 6 in _finished_steps(workdir), proc), "no checkpoint at step 6 appeared"
@@ -62,7 +63,7 @@ def test_sigkill_then_resume_is_bit_identical_to_uninterrupted(tmp_path):
             if p.poll() is None:
                 p.kill()
     assert max(_finished_steps(workdir)) < 12, "the run finished before it was killed"
-    out = run_main("configs/baseline_resnet56.py:smoke", workdir, dict(LONG, debug_step_sleep=0.0))
+    out = run_main("configs/baseline_resnet56.py:smoke", workdir, LONG)
     assert "resumed from step" in out.stderr
     step_a, a = load_params(tmp_path / "straight")
     step_b, b = load_params(workdir)
@@ -76,7 +77,7 @@ def test_sigkill_then_resume_is_bit_identical_to_uninterrupted(tmp_path):
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(main_command("configs/baseline_resnet56.py:smoke", workdir,
-                                         dict(LONG, checkpoint_every_steps=100)),
+                                         dict(LONG, checkpoint_every_steps=100), step_sleep=SLOW),
                             cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
@@ -103,17 +104,17 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
 
 
 def _state_on(mesh, config, num_classes=8):
-    student = train.build_student(config)
-    tx, _ = train.make_optimizer(config, 10)
-    return train.create_train_state(config, student, tx, num_classes, mesh), \
-        train.abstract_state(config, student, tx, num_classes, mesh)
+    student = step_lib.build_student(config)
+    tx, _ = optimizer.make_optimizer(config, 10)
+    return step_lib.create_train_state(config, student, tx, num_classes, mesh), \
+        step_lib.abstract_state(config, student, tx, num_classes, mesh)
 
 
 @pytest.mark.parametrize("save_devices,restore_devices", [(8, 1), (1, 8)])
 def test_restore_across_device_counts(tmp_path, save_devices, restore_devices):
     config = tiny_config("baseline_resnet56")
-    mesh_save = train.make_mesh(2 if save_devices == 8 else 1, devices=jax.devices()[:save_devices])
-    mesh_restore = train.make_mesh(2 if restore_devices == 8 else 1, devices=jax.devices()[:restore_devices])
+    mesh_save = sharding.make_mesh(2 if save_devices == 8 else 1, devices=jax.devices()[:save_devices])
+    mesh_restore = sharding.make_mesh(2 if restore_devices == 8 else 1, devices=jax.devices()[:restore_devices])
     state, _ = _state_on(mesh_save, config)
     ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=True)
     ck.save(3, state.as_dict(), {"step": 3})
@@ -130,7 +131,7 @@ def test_restore_across_device_counts(tmp_path, save_devices, restore_devices):
 
 def test_damaged_newest_checkpoint_is_reported_and_passed_over(tmp_path, caplog):
     config = tiny_config("baseline_resnet56")
-    mesh = train.make_mesh(1, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
     state, abstract = _state_on(mesh, config)
     ck = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=5, async_save=False)
     ck.save(2, state.as_dict(), {"step": 2})
@@ -155,16 +156,34 @@ def test_damaged_newest_checkpoint_is_reported_and_passed_over(tmp_path, caplog)
     assert (tmp_path / "checkpoints" / "2").exists()
 
 
-def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path, one_device):
-    config = tiny_config("baseline_resnet56", num_train_steps=8, checkpoint_every_steps=2, debug_nan_step=4,
+_PUT_BATCH = sharding.put_batch
+
+
+def _nan_images_at_step(monkeypatch, step: int) -> None:
+    """The batch of the given (1-based) step of the next run gets NaN images: a NaN loss from the data, as a
+    broken input or an overflowing augmentation would give."""
+    calls = []
+
+    def poisoned(batch, mesh):
+        calls.append(1)
+        if len(calls) == step:
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return _PUT_BATCH(batch, mesh)
+    monkeypatch.setattr(sharding, "put_batch", poisoned)
+
+
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path, one_device, monkeypatch):
+    config = tiny_config("baseline_resnet56", num_train_steps=8, checkpoint_every_steps=2,
                          **{"data.val_targets": ()})
-    with pytest.raises(train.NonFiniteLossError, match=r"step 5.*total"):
+    _nan_images_at_step(monkeypatch, 5)
+    with pytest.raises(errors.NonFiniteLossError, match=r"step 5.*total"):
         train.train_and_evaluate(config, str(tmp_path / "stop"))
     assert _finished_steps(tmp_path / "stop") == [2, 4]
     step, state = load_params(tmp_path / "stop")
     assert step == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
     # The config switch: skip such steps (their update is not applied) and count them.
     config.nonfinite = "skip"
+    _nan_images_at_step(monkeypatch, 5)
     out = train.train_and_evaluate(config, str(tmp_path / "skip"))
     assert out["step"] == 8 and out["nonfinite_steps"] == 1
     _, state = load_params(tmp_path / "skip")
@@ -186,7 +205,7 @@ def test_changed_config_is_refused_before_anything_is_touched(tmp_path, one_devi
     train.train_and_evaluate(config, workdir)
     before = _tree_files(workdir)
     changed = tiny_config("baseline_resnet56", num_train_steps=6, embedding_size=16, **{"data.val_targets": ()})
-    with pytest.raises(train.ConfigMismatchError, match=r"embedding_size: 32 -> 16") as e:
+    with pytest.raises(errors.ConfigMismatchError, match=r"embedding_size: 32 -> 16") as e:
         train.train_and_evaluate(changed, workdir)
     assert "--config.embedding_size=32" in str(e.value) and "another --workdir" in str(e.value)
     assert _tree_files(workdir) == before  # no checkpoint moved aside, config.json unchanged, no lock left
@@ -198,7 +217,7 @@ def test_changed_config_is_refused_before_anything_is_touched(tmp_path, one_devi
 def test_scrambled_checkpoint_bytes_are_damage(tmp_path, caplog):
     """Bytes changed inside a checkpoint's array data are caught by the fingerprints written at save."""
     config = tiny_config("baseline_resnet56")
-    mesh = train.make_mesh(1, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
     state, abstract = _state_on(mesh, config)
     ck = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=5, async_save=False)
     ck.save(2, state.as_dict(), {"step": 2})
@@ -242,7 +261,7 @@ def test_host_fingerprint_equals_the_jitted_one_on_every_dtype_and_across_chunks
     assert host == {jax.tree_util.keystr(p): f"{int(a):08x}{int(b):08x}" for p, (a, b) in zip(paths, sums)}
     assert len(set(host.values())) == len(host)
     # A class-sharded array (as the margin head's centres): the jitted sums over its shards, the host's over it.
-    mesh = train.make_mesh(2)
+    mesh = sharding.make_mesh(2)
     sharded = jax.device_put(rng.normal(size=(6, 8)).astype(np.float32),
                              jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model")))
     (a, b), = jax.device_get(ckpt_lib._fingerprints([sharded]))
@@ -257,7 +276,7 @@ def test_workdir_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path, 
     try:
         (workdir / "lock").write_text(
             '{"host": "%s", "pid": %d, "since": "then"}' % (__import__("socket").gethostname(), owner.pid))
-        with pytest.raises(ckpt_lib.WorkdirLockedError, match=rf"pid {owner.pid}"):
+        with pytest.raises(errors.WorkdirLockedError, match=rf"pid {owner.pid}"):
             train.train_and_evaluate(config, str(workdir))
         assert not (workdir / "checkpoints").exists()  # refused before anything was written
     finally:

@@ -15,7 +15,7 @@ from etils.epath import testing as epath_testing
 from runs import one_device, tiny_config
 from facekd_jax import checkpoint as ckpt_lib
 from facekd_jax import paths
-from facekd_jax import train
+from facekd_jax import errors, eval_only, train
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_a_gs_workdir_is_mirrored_to_the_bucket_and_resumes_from_it_on_a_new_mac
 
     # A changed architecture on the bucket's run: refused naming the URL and the field, the bucket untouched.
     snapshot = {f: (run / f).read_bytes() for f in _files(run)}
-    with pytest.raises(train.ConfigMismatchError, match=r"gs://bkt/run holds a run .*embedding_size"):
+    with pytest.raises(errors.ConfigMismatchError, match=r"gs://bkt/run holds a run .*embedding_size"):
         train.train_and_evaluate(tiny_config(num_train_steps=8, embedding_size=24), "gs://bkt/run")
     assert {f: (run / f).read_bytes() for f in _files(run)} == snapshot
 
@@ -85,13 +85,13 @@ def test_a_gs_workdir_is_mirrored_to_the_bucket_and_resumes_from_it_on_a_new_mac
     before = (run / "eval" / "results.json").read_text()
     (run / "eval" / "results.json").unlink()
     with one_device():
-        train.evaluate_workdir(config, "gs://bkt/run")
+        eval_only.evaluate_workdir(config, "gs://bkt/run")
     assert json.loads((run / "eval" / "results.json").read_text())["step"] == 6 and before
 
     # A live run elsewhere holds the bucket's lock: refused, nothing in the bucket changed.
     (run / "lock").write_text(json.dumps({"host": "another-host", "pid": 1, "since": "today"}))
     snapshot = {f: (run / f).read_bytes() for f in _files(run)}
-    with pytest.raises(ckpt_lib.WorkdirLockedError, match="another-host"):
+    with pytest.raises(errors.WorkdirLockedError, match="another-host"):
         train.train_and_evaluate(config, "gs://bkt/run")
     assert {f: (run / f).read_bytes() for f in _files(run)} == snapshot
     assert os.listdir(tmp_path / "cwd") == []

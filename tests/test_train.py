@@ -10,7 +10,9 @@ import pytest
 
 from runs import REPO, load_params, one_device, run_main, subprocess_env, synthetic_batches, tiny_config, train_setup
 from facekd_jax import data as data_lib
-from facekd_jax import train
+from facekd_jax import errors, eval_only, optimizer, rundir, sharding, train
+from facekd_jax import step as step_lib
+from facekd_jax.teachers import load as teacher_load
 
 
 def test_sharded_step_equals_single_device_step_and_teacher_is_untouched():
@@ -20,12 +22,12 @@ def test_sharded_step_equals_single_device_step_and_teacher_is_untouched():
     batches = synthetic_batches(config, 3)
     results = {}
     # 4x2 covers both the data-parallel gradient all-reduce and the class-sharded head in one compile.
-    for name, mesh in [("one", train.make_mesh(1, devices=jax.devices()[:1])), ("data4_model2", train.make_mesh(2))]:
+    for name, mesh in [("one", sharding.make_mesh(1, devices=jax.devices()[:1])), ("data4_model2", sharding.make_mesh(2))]:
         state, step, tvars = train_setup(config, mesh)
         tvars = jax.device_put(tvars, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         before = jax.tree.map(lambda x: np.array(x, copy=True), tvars)
         for b in batches:
-            state, metrics = step(state, train.put_batch(b, mesh), tvars)
+            state, metrics = step(state, sharding.put_batch(b, mesh), tvars)
         assert bool(metrics["finite"]) and "hinton" in metrics and "feature" in metrics
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tvars, before)
         results[name] = jax.tree.map(np.asarray, state.params)
@@ -34,7 +36,7 @@ def test_sharded_step_equals_single_device_step_and_teacher_is_untouched():
             assert len(state.params["head"]["kernel"].addressable_shards[0].data.shape) == 2
             assert state.params["head"]["kernel"].addressable_shards[0].data.shape[1] == 4  # 8 classes / 2
     # Parameters really moved (otherwise agreement would prove nothing).
-    init_state, _, _ = train_setup(config, train.make_mesh(1, devices=jax.devices()[:1]))
+    init_state, _, _ = train_setup(config, sharding.make_mesh(1, devices=jax.devices()[:1]))
     moved = jax.tree.map(lambda a, b: float(np.abs(a - np.asarray(b)).max()), results["one"], init_state.params)
     assert max(jax.tree.leaves(moved)) > 1e-4
     for name in ("data4_model2",):
@@ -48,11 +50,11 @@ def test_stateful_kd_methods_shard_and_checkpoint_their_state(module, tmp_path):
     config = tiny_config(module, **{"teacher.model": "resnet8", "cpu_kernels": "xla"})
     batches = synthetic_batches(config, 3)
     out = {}
-    for name, mesh in [("one", train.make_mesh(1, devices=jax.devices()[:1])), ("data4_model2", train.make_mesh(2))]:
+    for name, mesh in [("one", sharding.make_mesh(1, devices=jax.devices()[:1])), ("data4_model2", sharding.make_mesh(2))]:
         state, step, tvars = train_setup(config, mesh)
         tvars = jax.device_put(tvars, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         for b in batches:
-            state, metrics = step(state, train.put_batch(b, mesh), tvars)
+            state, metrics = step(state, sharding.put_batch(b, mesh), tvars)
         assert bool(metrics["finite"]) and module in metrics
         out[name] = jax.tree.map(np.asarray, (state.params, state.kd_state))
         if module == "adadistill" and name == "data4_model2":
@@ -78,12 +80,12 @@ def test_class_parallel_mesh_shards_only_the_class_centres():
     """On data x model, only the margin head's classes shard: the backbone's own embedding layer stays replicated,
     so an embedding width not divisible by the model axis (33 on 2) builds and steps."""
     config = tiny_config("baseline_resnet56", embedding_size=33, **{"cpu_kernels": "xla"})
-    mesh = train.make_mesh(2)
+    mesh = sharding.make_mesh(2)
     state, step, tvars = train_setup(config, mesh)
     specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
     sharded = sorted(k for k, spec in specs.items() if spec != jax.sharding.PartitionSpec())
     assert sharded == ["['head']['kernel']"], sharded
-    state, metrics = step(state, train.put_batch(synthetic_batches(config, 1)[0], mesh), tvars)
+    state, metrics = step(state, sharding.put_batch(synthetic_batches(config, 1)[0], mesh), tvars)
     assert bool(metrics["finite"])
 
 
@@ -94,7 +96,7 @@ def test_a_class_count_the_model_axis_does_not_divide_pads_the_head_and_trains_a
     config = tiny_config("conventional_kd", **{"teacher.model": "resnet8", "cpu_kernels": "xla"})
     batches = synthetic_batches(config, 3, num_classes=7)
     out = {}
-    for name, mesh in [("one", train.make_mesh(1, devices=jax.devices()[:1])), ("data2_model4", train.make_mesh(4))]:
+    for name, mesh in [("one", sharding.make_mesh(1, devices=jax.devices()[:1])), ("data2_model4", sharding.make_mesh(4))]:
         state, step, tvars = train_setup(config, mesh, num_classes=7)
         if name == "data2_model4":
             kernel = state.params["head"]["kernel"]
@@ -103,32 +105,32 @@ def test_a_class_count_the_model_axis_does_not_divide_pads_the_head_and_trains_a
             # head and the teacher's centres (laid out as the loop lays out a teacher's: padded, sharded)
             kernel = jax.device_put(np.pad(out["init"], ((0, 0), (0, 1))), kernel.sharding)
             state = state.replace(params=dict(state.params, head={"kernel": kernel}))
-            centres = train._shard_centres(out["teacher"], train.setup(config, num_classes=7, mesh=mesh))
+            centres = teacher_load._shard_centres(out["teacher"], step_lib.setup(config, num_classes=7, mesh=mesh))
             assert centres.shape == (32, 8) and centres.sharding.spec == jax.sharding.PartitionSpec(None, "model")
             tvars = dict(tvars, params=dict(tvars["params"], head={"kernel": centres}))
-            hlo = step.lower(state, train.put_batch(batches[0], mesh), tvars).compile().as_text()
+            hlo = step.lower(state, sharding.put_batch(batches[0], mesh), tvars).compile().as_text()
             assert "all-gather" not in hlo
         else:
             out["init"] = np.asarray(state.params["head"]["kernel"])
             out["teacher"] = np.asarray(tvars["params"]["head"]["kernel"])
         for b in batches:
-            state, metrics = step(state, train.put_batch(b, mesh), tvars)
+            state, metrics = step(state, sharding.put_batch(b, mesh), tvars)
         assert bool(metrics["finite"]) and float(metrics["hinton"]) > 0
         out[name] = jax.tree.map(np.asarray, state.params)
     assert out.pop("init").shape == out.pop("teacher").shape == out["one"]["head"]["kernel"].shape == (32, 7)
     out["data2_model4"]["head"]["kernel"] = out["data2_model4"]["head"]["kernel"][:, :7]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), out["one"], out["data2_model4"])
-    assert train.head_classes(10572, 8) == 10576 and train.head_classes(10572, 1) == 10572
+    assert sharding.head_classes(10572, 8) == 10576 and sharding.head_classes(10572, 1) == 10572
 
 
 def test_kd_state_centres_the_model_axis_does_not_divide_are_replicated():
     """AdaDistill's centres are read over every column (its own classifier), so they are not padded: where their
     class count does not divide the model axis they replicate; where it does they shard."""
-    mesh = train.make_mesh(4)
+    mesh = sharding.make_mesh(4)
     shapes = {"params": {"head": {"kernel": jax.ShapeDtypeStruct((4, 8), jnp.float32)}},
               "kd_state": {"adadistill": {"centres": jax.ShapeDtypeStruct((4, 7), jnp.float32)}},
               "more": {"kd_state": {"centres": jax.ShapeDtypeStruct((4, 8), jnp.float32)}}}
-    specs = jax.tree.map(lambda s: s.spec, train.tree_shardings(shapes, mesh))
+    specs = jax.tree.map(lambda s: s.spec, sharding.tree_shardings(shapes, mesh))
     P = jax.sharding.PartitionSpec
     assert specs == {"params": {"head": {"kernel": P(None, "model")}}, "kd_state": {"adadistill": {"centres": P()}},
                      "more": {"kd_state": {"centres": P(None, "model")}}}
@@ -136,22 +138,22 @@ def test_kd_state_centres_the_model_axis_does_not_divide_are_replicated():
 
 def test_loss_falls_on_synthetic_data():
     config = tiny_config("baseline_resnet56", **{"optimizer.lr": 0.1, "batch_size": 32})
-    mesh = train.make_mesh(1)
+    mesh = sharding.make_mesh(1)
     batches, info = data_lib.make_train_dataset("synthetic:8:16", batch_size=32, image_size=16, seed=0)
     state, step, _ = train_setup(config, mesh, num_classes=info["num_classes"])
     losses = []
     it = iter(batches)
     for _ in range(40):
-        state, metrics = step(state, train.put_batch(next(it), mesh), {})
+        state, metrics = step(state, sharding.put_batch(next(it), mesh), {})
         losses.append(float(metrics["ce"]))
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
 
 
 def test_weight_decay_mask_covers_exactly_conv_and_dense_kernels():
     config = tiny_config("baseline_resnet56", model="resnet56")
-    student = train.build_student(config)
-    shapes = jax.eval_shape(lambda k: train.init_variables(student, 10, 16, k, 32), jax.random.PRNGKey(0))
-    mask = train.weight_decay_mask(shapes["params"])
+    student = step_lib.build_student(config)
+    shapes = jax.eval_shape(lambda k: step_lib.init_variables(student, 10, 16, k, 32), jax.random.PRNGKey(0))
+    mask = optimizer.weight_decay_mask(shapes["params"])
     flat_mask = dict(jax.tree_util.tree_leaves_with_path(mask))
     n_kernels = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"]):
@@ -164,7 +166,7 @@ def test_weight_decay_mask_covers_exactly_conv_and_dense_kernels():
             assert not decayed, path  # BN scale/bias, dense biases
     assert n_kernels == 55 + 2 + 1 + 1  # 55 convs, 2 projection shortcuts (option B), embedding FC, class centres
     # The decoupled transformation: decayed leaves shrink, others do not, with zero gradients.
-    tx, _ = train.make_optimizer(config, 10)
+    tx, _ = optimizer.make_optimizer(config, 10)
     params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes["params"])
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     for path, u in jax.tree_util.tree_leaves_with_path(updates):
@@ -177,12 +179,12 @@ def test_schedules_and_head_learning_rate():
     config.optimizer.step_fractions = (0.5, 0.8)
     config.optimizer.warmup_steps = 10
     config.optimizer.lr = 0.1
-    sched = train.make_schedule(config, 100)
+    sched = optimizer.make_schedule(config, 100)
     assert float(sched(0)) == 0.0 and abs(float(sched(5)) - 0.05) < 1e-7
     assert abs(float(sched(49)) - 0.1) < 1e-7 and abs(float(sched(51)) - 0.01) < 1e-7
     assert abs(float(sched(90)) - 0.001) < 1e-7
     config.optimizer.schedule = "poly"
-    sched = train.make_schedule(config, 100)
+    sched = optimizer.make_schedule(config, 100)
     assert abs(float(sched(10)) - 0.1) < 1e-7 and abs(float(sched(55)) - 0.05) < 1e-6 and float(sched(100)) < 1e-7
     # Clipping acts on the backbone only; the head has its own LR multiplier.
     config.optimizer.schedule = "constant"
@@ -191,7 +193,7 @@ def test_schedules_and_head_learning_rate():
     config.optimizer.head_lr_multiplier = 10.0
     config.optimizer.grad_clip = 1.0
     config.optimizer.warmup_steps = 0
-    tx, _ = train.make_optimizer(config, 100)
+    tx, _ = optimizer.make_optimizer(config, 100)
     params = {"backbone": {"w": {"kernel": jnp.zeros((4, 4))}}, "head": {"kernel": jnp.zeros((4, 3))}}
     grads = {"backbone": {"w": {"kernel": jnp.full((4, 4), 10.0)}}, "head": {"kernel": jnp.full((4, 3), 10.0)}}
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -303,15 +305,15 @@ def test_two_processes_match_one_process(tmp_path):
 
 def test_eval_architecture_comes_from_the_run_and_a_damaged_run_config_is_named(tmp_path):
     config = tiny_config("baseline_resnet56")
-    assert train.trained_architecture(config, str(tmp_path)) is config  # no config.json: the caller's config
+    assert rundir.trained_architecture(config, str(tmp_path)) is config  # no config.json: the caller's config
     saved = tiny_config("baseline_resnet56", model="resnet20", embedding_size=48, **{"data.image_size": 24})
     (tmp_path / "config.json").write_text(saved.to_json())
-    got = train.trained_architecture(config, str(tmp_path))
+    got = rundir.trained_architecture(config, str(tmp_path))
     assert (got.model, got.embedding_size, got.data.image_size) == ("resnet20", 48, 24)
     assert got.data.val_targets == config.data.val_targets and config.model == "resnet8"  # caller's untouched
     (tmp_path / "config.json").write_text('{"model": "resn')
     with pytest.raises(ValueError, match="config.json"):
-        train.evaluate_workdir(config, str(tmp_path))
+        eval_only.evaluate_workdir(config, str(tmp_path))
     assert (tmp_path / "config.json").read_text() == '{"model": "resn'  # nothing rewritten
 
 
@@ -347,6 +349,6 @@ def test_a_url_in_a_spec_that_cannot_take_one_stops_the_run_naming_the_field_and
         config.data.val_targets = (spec,)
     else:
         config.data.train = spec
-    with pytest.raises(train.NonLocalPathError, match=field.replace(".", r"\.") + r"(\[0\])?=.*gs://bucket"):
+    with pytest.raises(errors.NonLocalPathError, match=field.replace(".", r"\.") + r"(\[0\])?=.*gs://bucket"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert list(tmp_path.iterdir()) == []

@@ -81,15 +81,15 @@ kernels = sys.argv[2]
 xla_flags.apply_cpu_defaults(onednn=kernels != "xla")
 import jax, numpy as np
 from runs import synthetic_batches, tiny_config, train_setup
-from facekd_jax import train
+from facekd_jax import sharding
 
 config = tiny_config("feature_kd", **{{"teacher.model": "resnet8", "cpu_kernels": kernels}})
-mesh = train.make_mesh(1)
+mesh = sharding.make_mesh(1)
 state, step, tvars = train_setup(config, mesh)
 batches = synthetic_batches(config, 3)
-hlo = step.lower(state, train.put_batch(batches[0], mesh), tvars).compile().as_text()
+hlo = step.lower(state, sharding.put_batch(batches[0], mesh), tvars).compile().as_text()
 for b in batches:
-    state, metrics = step(state, train.put_batch(b, mesh), tvars)
+    state, metrics = step(state, sharding.put_batch(b, mesh), tvars)
 flat = {{jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}}
 # Element-wise YNNPACK fusions (ReLU's maximum, BN's subtract) are what the defaults add: jaxlib 0.10 already
 # gives YNNPACK some dots, reductions and convolutions on its own.

@@ -5,7 +5,7 @@ without it. Install the native part with the `[cpu]` extra (`pip install 'facekd
 the handlers compile on first use with the system C++ compiler). Two pieces:
 
 - `model_layers(choice, num_devices)`: {"conv": ..., "norm": ...} for `build_model(**layers)`, decided once per
-  run by the set-up (train.setup) from `config.cpu_kernels`:
+  run by the set-up (facekd_jax.step.setup) from `config.cpu_kernels`:
     "auto"   oneDNN layers (depthwise convolutions included) on a single-device CPU run where the extra is
              installed and builds; elsewhere on a CPU flax's Conv with depthwise convolutions as element-wise
              taps (pure JAX, 6x faster than XLA:CPU's grouped convolution); on a GPU/TPU flax's layers;

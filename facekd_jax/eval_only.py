@@ -1,0 +1,43 @@
+"""Eval mode: a finished run's model on the verification sets its caller's config names, with nothing trained.
+
+  python -m facekd_jax.main --config=configs/feature_kd.py --workdir=runs/fkd --mode=eval \
+      "--config.data.val_targets=('lfw-view2:../shared/data/lfw',)"
+
+The architecture comes from the run (WORKDIR/config.json, facekd_jax.rundir); the verification sets, the batch size
+and the CPU kernels from the config. Results go to WORKDIR/eval/ (results.json, roc.png), printed as arcface_torch
+prints them. A gs:// workdir is evaluated from a local copy and its eval/ pushed back.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import jax
+import ml_collections
+
+from facekd_jax import evaluate as eval_lib
+from facekd_jax import paths, rundir, sharding
+from facekd_jax import step as step_lib
+from facekd_jax import train
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: str = "latest") -> Dict[str, Any]:
+    """Evaluates a run's latest (or best) checkpoint on config.data.val_targets; writes WORKDIR/eval/.
+    Returns {"step", "results": {set name: metrics}}."""
+    train.data_specs(config)
+    if not config.data.val_targets:
+        raise ValueError("config.data.val_targets is empty: nothing to evaluate")
+    if paths.is_url(workdir):  # a local copy, then the eval files pushed back (no lock: training may go on)
+        train.single_host_for_url(workdir)
+        with paths.RemoteWorkdir(workdir, local=paths.staging_dir(workdir) + "-eval", lock=False) as stage:
+            return evaluate_workdir(config, stage.local, which=which)
+    config = rundir.trained_architecture(config, workdir)
+    mesh = sharding.make_mesh(1)
+    # The run's kernels: XLA:CPU's own depthwise convolutions would make a MobileFaceNet's eval 6x slower.
+    model = rundir.load_model(workdir, config, which=which, layers=step_lib.model_layers(config, mesh),
+                              sharding=sharding.replicated(mesh))
+    targets = train.load_val_targets(config)
+    results = eval_lib.evaluate_targets(model.apply, model.variables, targets, step=model.step,
+                                        batch_size=config.eval_batch_size, mesh=mesh, log=print)
+    if jax.process_index() == 0:
+        eval_lib.write_results(f"{workdir}/eval", results, step=model.step)
+    return {"step": model.step, "results": results}
