@@ -20,13 +20,13 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 # The thesis in miniature on the embedded synthetic face set (see README).
 demo: $(STAMP)
-	$(PY) -m facekd_jax.suite --data=synthetic --workdir=runs/demo
+	$(PY) -m facekd_jax.suite --config=configs/demo.py --workdir=runs/demo
 
 # The thesis's question on real faces (README): dlib's imported teacher, MobileFaceNet students, every KD method,
 # three seeds, on ../shared/data/lfw (LFW=DIR for another copy). Resumes where it stopped.
 LFW ?= ../shared/data/lfw
 lfw-dlib: $(STAMP)
-	$(PY) -m facekd_jax.suite --data=lfw:$(LFW) --teacher=dlib --workdir=runs/lfw_dlib --seeds=3
+	$(PY) -m facekd_jax.suite --config=configs/lfw_dlib.py:data.root=$(LFW) --workdir=runs/lfw_dlib --seeds=3
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=20 tests

@@ -1,26 +1,29 @@
-"""The default config and the variant syntax shared by every file in configs/ (so those files work from any
-directory, after a plain `pip install`).
+"""The default config, the sizes every config file can shrink to, and the `FILE.py:ARG` syntax they share (so
+config files work from any directory, after a plain `pip install`).
 
 A config file is `get_config(arg)`; `arg` is what follows the colon in `--config=FILE.py:ARG`, as big_vision
-writes it: comma-separated parts, each a variant name (VARIANTS) or a `key=value` override of a (dotted) field,
+writes it: comma-separated parts, each a variant the file declares or a `key=value` override of a (dotted) field,
 applied left to right after the experiment's own settings:
 
-  --config=configs/feature_kd.py                    the experiment as written
+  --config=configs/feature_kd.py                    the experiment as written (CASIA-WebFace, ResNet-56 student)
   --config=configs/feature_kd.py:smoke              the same on synthetic data at toy size (about a minute)
-  --config=configs/feature_kd.py:smoke,seed=1       the same, seed 1
-  --config=configs/feature_kd.py:smoke,model=resnet20,batch_size=32
-  --config=configs/conventional_kd.py:lfw_dlib,data.root=../shared/data/lfw   one run of the real-teacher suite
+  --config=configs/feature_kd.py:smoke,seed=1,model=resnet20
+  --config=configs/lfw_dlib.py:label_free_kd,seed=2  one run of the real-teacher table
 
-The comparison suites (facekd_jax.suite) build every model of a table from one of these variants (`demo`, `lfw`,
-`lfw_dlib`, or `tiny` in the tests and the notebooks' smoke mode), so a suite run and a run of main with the same
-variant train the same thing.
+Every file takes the sizes in SIZES (smoke, tiny). A table's file (configs/demo.py, lfw.py, lfw_dlib.py) also
+declares its runs as variants and a `SUITE` (`Suite`) that facekd_jax.suite trains; each run is that file at
+that variant, so a table's row can be trained, resumed or inspected on its own with facekd_jax.main.
 
-Values are Python literals where they parse as one (numbers, tuples, True), else strings.
+Values are Python literals where they parse as one (numbers, tuples, True), else strings; commas inside brackets
+or quotes do not split parts.
 """
 from __future__ import annotations
 
 import ast
-from typing import Any, Callable, Dict
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import ml_collections
 
@@ -83,8 +86,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.best_metric = "lfw/accuracy"     # "" to keep no best checkpoint
     c.nonfinite = "stop"               # "stop": fail with the step and term; "skip": skip the update, count it
-    c.debug_nan_step = -1              # tests: poison the loss at this step
-    c.debug_step_sleep = 0.0           # tests: seconds to sleep after each step (to kill a run mid-way)
     return c
 
 
@@ -111,7 +112,7 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
 def _tiny(c: ml_collections.ConfigDict) -> None:
     """The unit tests' size: seconds to compile and run on 2 CPU cores (resnet8 student, resnet10 teacher, 16x16)."""
     _smoke(c)
-    c.model = "resnet8"
+    c.model = "resnet10" if c.model == "resnet18" else "resnet8"  # a teacher run stays the larger network
     if c.teacher.model:
         c.teacher.model = "resnet10"
     c.data.image_size = 16
@@ -127,8 +128,12 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     c.best_metric = ""
 
 
+# The variants every config file takes after its own: the same run shrunk for a smoke test or a unit test.
+SIZES: Dict[str, Callable[[ml_collections.ConfigDict], None]] = {"smoke": _smoke, "tiny": _tiny}
+
+
 def suite_budget(c: ml_collections.ConfigDict, steps: int) -> None:
-    """`steps` and what the comparison suites derive from them, the same for every model of a table: SGD with 5%
+    """`steps` and what a comparison table derives from them, the same for every model of a table: SGD with 5%
     warmup and x0.1 at 60% and 85% of the steps, one evaluation at the end (same pairs, same point for every
     model), a checkpoint every third of the run, no best-checkpoint tracking."""
     c.num_train_steps = steps
@@ -142,54 +147,36 @@ def suite_budget(c: ml_collections.ConfigDict, steps: int) -> None:
     c.best_metric = ""
 
 
-def _demo(c: ml_collections.ConfigDict) -> None:
-    """`make demo`'s size (python -m facekd_jax.suite --data=synthetic): 60 steps of 32 synthetic faces at 24x24,
-    about 25 s a model on 2 CPU cores; the models stay near chance (README)."""
-    c.data.train = "synthetic:32:32"
-    c.data.val_targets = ("synthetic:400",)
-    c.data.image_size = 24
-    c.embedding_size = c.teacher.embedding_size = 128
-    c.batch_size = 32
-    c.optimizer.lr = 0.05
-    c.eval_batch_size = 200
-    suite_budget(c, 60)
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """What a table's config file declares beside its runs' configs (facekd_jax.suite trains the table).
+
+    runs: the table's rows in order, each a variant of the file's get_config ("baseline", "feature_kd", ...).
+    baseline: the row every other row's McNemar test compares with.
+    teacher: where the teacher comes from: a run of `runs`, trained first ("teacher_resnet18"), or an import
+      ("import:dlib", facekd_jax.teachers); `python -m facekd_jax.suite --teacher=DIR` gives a teacher run instead.
+    seeds: seeds per row by default. descriptions: {run: what the table says of it}.
+    """
+    runs: Tuple[str, ...]
+    baseline: str
+    teacher: str = ""
+    seeds: int = 1
+    descriptions: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _lfw(c: ml_collections.ConfigDict) -> None:
-    """LFW View 1's training people at 32x32, 200 steps of 64 (the own-teacher LFW suite; give data.root=LFW_DIR,
-    the folder holding lfw-deepfunneled/ and the pairsDev files). ArcFace m 0.5 at s 32: at s 64 a 200-step
-    teacher stayed at chance (51.1%), at s 32 it reached 58.8-66.2% (pairsDevTest)."""
-    c.data.train = "lfw:{root}"
-    c.data.val_targets = ("lfw:{root}",)
-    c.data.image_size = 32
-    c.embedding_size = c.teacher.embedding_size = 256
-    c.batch_size = 64
-    c.optimizer.lr = 0.1
-    c.scale = 32.0
-    c.eval_batch_size = 250
-    suite_budget(c, 200)
+def split_run(arg: str, runs: Sequence[str], default: str) -> Tuple[str, str]:
+    """'RUN,rest' -> (RUN, 'rest') where the first part of a table file's arg is one of its runs; else
+    (default, arg)."""
+    parts = split_parts(arg or "")
+    if parts and parts[0] in runs:
+        return parts[0], ",".join(parts[1:])
+    return default, arg or ""
 
 
-def _lfw_dlib(c: ml_collections.ConfigDict) -> None:
-    """The real-teacher suite's run (python -m facekd_jax.suite --teacher=dlib): a MobileFaceNet on LFW View 1's
-    training people at 48x48, 128-d, 250 steps of 64, distilling from dlib's imported descriptor through its
-    centred embedding cache (the suite's layout: runs/lfw_dlib/teacher_dlib, runs/lfw_dlib/cache_lfw). Chosen on
-    pairsDevTrain (README): at 48x48 MobileFaceNet trains 1.7x as fast as at 64x64; dlib's unit embeddings share
-    one direction (|mean| 0.915), so the KD terms see them centred."""
-    _lfw(c)
-    c.model = "mobilefacenet"
-    c.data.image_size = 48
-    c.embedding_size = c.teacher.embedding_size = 128
-    if c.teacher.model:
-        c.teacher.model = "dlib_resnet29"
-        c.teacher.workdir = "runs/lfw_dlib/teacher_dlib"
-        c.teacher.cache = "runs/lfw_dlib/cache_lfw"
-        c.teacher.centre = True
-    suite_budget(c, 250)
-
-
-VARIANTS: Dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    "smoke": _smoke, "tiny": _tiny, "demo": _demo, "lfw": _lfw, "lfw_dlib": _lfw_dlib}
+def teacher_cache_dir(config: ml_collections.ConfigDict) -> str:
+    """config.teacher.cache with `{teacher}` replaced by config.teacher.workdir (a cache kept in its teacher's run
+    folder, as the suites keep theirs); '' without a cache."""
+    return str(config.teacher.cache).replace("{teacher}", str(config.teacher.workdir).rstrip("/"))
 
 
 def _literal(text: str) -> Any:
@@ -221,28 +208,72 @@ def set_field(c: ml_collections.ConfigDict, key: str, value: Any, *, where: str 
     node[leaf] = value
 
 
-def apply_arg(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
-    """Applies `arg` (see the module docstring) to c in place and returns it."""
-    for part in (p.strip() for p in (arg or "").split(",")):
-        if not part:
+def split_parts(arg: str) -> List[str]:
+    """'a,b=(1, 2),c' -> ['a', 'b=(1, 2)', 'c']: commas inside brackets or quotes do not split."""
+    parts, depth, quote, current = [], 0, "", []
+    for ch in arg:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
             continue
+        current.append(ch)
+    parts.append("".join(current).strip())
+    return [p for p in parts if p]
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str,
+              variants: Optional[Mapping[str, Callable[[ml_collections.ConfigDict], None]]] = None
+              ) -> ml_collections.ConfigDict:
+    """Applies `arg` (see the module docstring) to c in place and returns it. variants: the names the config file
+    takes (default SIZES: smoke, tiny)."""
+    variants = SIZES if variants is None else variants
+    for part in split_parts(arg or ""):
         if "=" in part:
             key, _, value = part.partition("=")
             set_field(c, key.strip(), _literal(value.strip()), where=f"config argument {arg!r}")
-        elif part in VARIANTS:
-            VARIANTS[part](c)
+        elif part in variants:
+            variants[part](c)
         else:
             raise ValueError(f"unknown config variant {part!r} in {arg!r}: expected one of "
-                             f"{', '.join(sorted(VARIANTS))} or key=value")
+                             f"{', '.join(sorted(variants))} or key=value")
     return c
 
 
 def kd_config(arg: str = "", *, teacher_model: str = "resnet18", **kd) -> ml_collections.ConfigDict:
     """A distillation config: the default with the frozen teacher from `teacher.workdir` and the KD settings
-    `kd` (keys of facekd_jax.losses.KD_DEFAULTS; an unknown one raises KeyError naming it), then `arg`."""
+    `kd` (keys of facekd_jax.losses.KD_DEFAULTS; an unknown one raises KeyError naming it), then `arg` (SIZES and
+    key=value parts)."""
     c = default_config()
     c.teacher.model = teacher_model
     c.teacher.workdir = "runs/teacher_resnet18"
     for key, value in kd.items():
         set_field(c, f"kd.{key}", value, where="kd_config")
     return apply_arg(c, arg)
+
+
+def load_module(path: str):
+    """A config file (configs/NAME.py) as a module, imported from its path (not from sys.path)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    name = "facekd_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config(arg)")
+    return module
+
+
+def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
+    """'configs/NAME.py[:ARG]' -> its get_config(ARG), as `--config=` gives it to main."""
+    path, _, arg = str(path_and_arg).partition(":")
+    module = load_module(path)
+    return module.get_config(arg) if arg else module.get_config()

@@ -1,121 +1,65 @@
-"""The thesis in miniature: baseline and KD students on one budget, evaluated on the same pairs.
+"""A comparison table: every run a table's config file declares, on one budget, evaluated on the same pairs.
 
-  python -m facekd_jax.suite --data=synthetic --workdir=runs/demo
-  python -m facekd_jax.suite --data=lfw:../shared/data/lfw --workdir=runs/lfw
-  python -m facekd_jax.suite --data=lfw:../shared/data/lfw --teacher=dlib --workdir=runs/lfw_dlib --seeds=3
+  python -m facekd_jax.suite --config=configs/demo.py --workdir=runs/demo                     (make demo)
+  python -m facekd_jax.suite --config=configs/lfw_dlib.py --workdir=runs/lfw_dlib --seeds=3   (make lfw-dlib)
+  python -m facekd_jax.suite --config=configs/lfw_dlib.py:data.root=/data/lfw --runs=baseline,label_free_kd \
+      --teacher=runs/teacher_r50 --workdir=runs/r50_table
 
-Without --teacher=dlib the suite trains its own teacher first (ResNet-18, same budget). With it, the teacher is
-dlib's imported face descriptor (facekd_jax.teachers): the suite imports it into DIR/teacher_dlib, builds its
-embedding caches (DIR/cache_*; the teacher never runs during training), then for each student and seed trains the
-ArcFace-only baseline, every KD method, and a label-free feature-KD row (every training image, singletons too,
-teacher embeddings as the only target).
+A table's file (configs/demo.py, lfw.py, lfw_dlib.py) declares its runs as variants of its get_config and a
+`SUITE` (config_lib.Suite): which run is the baseline, where the teacher comes from (a run of the table trained
+first, or an import such as dlib's), how many seeds. Anything after the file's colon applies to every run (a size
+such as `tiny`, or key=value fields). The suite gets the teacher into DIR (trained, imported, or --teacher=DIR),
+builds the teacher-embedding caches the runs name (`{teacher}/cache_...`, facekd_jax.teachers.cache), then trains
+each run for each student (--students, default the config's own model) and seed in
+DIR/<student>/seed<k>/<run>, and evaluates the teacher on the same pairs with its own crop.
 
-Writes DIR/summary.json, DIR/summary.md (the table, McNemar p-values against the ArcFace-only baseline) and
-DIR/roc*.png. Each model is an ordinary run in DIR/... (configs/FILE.py at a config variant: `demo`, `lfw` or
-`lfw_dlib`, or --variant; with the suite's data), so a rerun resumes unfinished runs and reuses finished ones whose whole config is unchanged; a changed
-setting (--lr, --image_size, ...) on the same --workdir stops naming the field (give another --workdir); a larger
---steps continues the finished runs from their last checkpoint.
+Each run is an ordinary run of facekd_jax.main at that variant, so a rerun resumes unfinished runs and reuses
+finished ones whose whole config is unchanged; a changed setting on the same --workdir stops naming the field.
+Writes DIR/summary.json, DIR/summary.md (per student: accuracy mean +- std over seeds, per-seed accuracy and
+McNemar p against that seed's baseline, EER, FNMR@FMR=1e-3, size, train time) and DIR/roc_<student>.png.
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import logging
 import os
-import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-# (run name, config module, what it is). The teacher comes first: the KD runs read it.
-RUNS = [
-    ("teacher_resnet18", "teacher_resnet18", "ResNet-18 ArcFace teacher"),
-    ("baseline_resnet56", "baseline_resnet56", "ResNet-56, ArcFace only"),
-    ("conventional_kd", "conventional_kd", "ResNet-56, Hinton KD on the classification layer"),
-    ("feature_kd", "feature_kd", "ResNet-56, feature KD matched to ArcFace (thesis)"),
-    ("arcface_kd", "arcface_kd", "ResNet-56, KD on ArcFace margin logits"),
-    ("rkd", "rkd", "ResNet-56, relational KD"),
-    ("cosine_matrix_kd", "cosine_matrix_kd", "ResNet-56, cosine-matrix KD"),
-    ("proxyless_kd", "proxyless_kd", "ResNet-56, teacher's frozen centres"),
-    ("margin_distillation", "margin_distillation", "ResNet-56, MarginDistillation"),
-]
-TEACHER, BASELINE = "teacher_resnet18", "baseline_resnet56"
-
-# The size of each table is a config variant (facekd_jax/config_lib.py), so `main --config=FILE:VARIANT` trains
-# exactly a suite's model: `demo` for synthetic data, `lfw` for LFW with the suite's own teacher, `lfw_dlib` for
-# the real-teacher suite; --variant picks another (the tests and the notebooks' smoke mode use `tiny`).
-DEFAULT_VARIANTS = {"synthetic": "demo", "lfw": "lfw"}
+log_ = logging.getLogger(__name__)
 
 
-# The suite with dlib's imported teacher (--teacher=dlib). The label-free row trains on every training image with
-# the teacher's embeddings as its only target (kd.ce_weight 0; its margin head is trained by nothing).
-DISTILL_RUNS = [
-    ("baseline", "baseline_resnet56", "ArcFace only, no teacher", {}),
-    ("conventional_kd", "conventional_kd", "Hinton KD on s*cos logits (teacher: its class centres)", {}),
-    ("feature_kd", "feature_kd", "feature KD (thesis): 100 x MSE of unit embeddings", {}),
-    ("arcface_kd", "arcface_kd", "Hinton KD on ArcFace margin logits", {}),
-    ("rkd", "rkd", "relational KD (distance 1, angle 2)", {}),
-    ("cosine_matrix_kd", "cosine_matrix_kd", "MSE of batch cosine matrices", {}),
-    ("sp_kd", "sp_kd", "similarity-preserving KD (Tung & Mori), exact", {}),
-    ("grouped_kd", "grouped_kd", "Grouped KD: binary + 8 x primary group", {}),
-    ("ekd", "ekd", "EKD: soft ranks at FPR 1e-1..1e-6", {}),
-    ("adadistill", "adadistill", "AdaDistill: adaptive EMA centres of teacher embeddings", {}),
-    ("proxyless_kd", "proxyless_kd", "ArcFace on the teacher's class centres", {}),
-    ("margin_distillation", "margin_distillation", "teacher's centres, per-sample margin", {}),
-    ("label_free_kd", "feature_kd", "feature KD alone, every image (singletons too), no labels",
-     {"kd.ce_weight": 0.0}),
-]
-LABEL_FREE = "label_free_kd"
-DLIB_BASELINE = "baseline"
-# The real-teacher suite: variant `lfw_dlib` (48x48, 250 steps; chosen on pairsDevTrain, README), a MobileFaceNet
-# student, 3 seeds. A run is 4-6 minutes on a 2-core machine, so a seed of 13 runs is about an hour and --seeds=3
-# about 3 hours there, over the issue's 90 minutes (README: which --runs fit).
-DLIB_VARIANT, DLIB_STUDENTS, DLIB_SEEDS = "lfw_dlib", ("mobilefacenet",), 3
-# Command-line sizes that replace the variant's (None: keep it).
-_SIZE_FIELDS = {"image_size": "data.image_size", "batch_size": "batch_size", "lr": "optimizer.lr", "scale": "scale",
-                "eval_batch_size": "eval_batch_size"}
+@dataclasses.dataclass
+class Table:
+    """A table's config file, loaded: its module (get_config, SUITE) and the arg every run gets."""
+    path: str
+    arg: str
+    module: Any
+
+    @property
+    def suite(self):
+        return self.module.SUITE
+
+    def config(self, run: str, *, seed: Optional[int] = None, student: Optional[str] = None):
+        c = self.module.get_config(",".join(p for p in (run, self.arg) if p))
+        if seed is not None:
+            c.seed = seed
+        if student:
+            c.model = student
+        return c
 
 
-def suite_config(config_module: str, *, data: str, workdir: str, steps: Optional[int], overrides: Dict[str, Any],
-                 variant: Optional[str] = None):
-    """configs/<config_module>.py:<variant> (the variant of the data kind by default) with the suite's data and
-    the command line's sizes (`overrides`; None keeps the variant's): the same budget for every model."""
+def load_table(config: str) -> Table:
+    """'configs/NAME.py[:ARG]' -> Table; ValueError where the file declares no SUITE."""
     from facekd_jax import config_lib
 
-    kind = data.split(":")[0]
-    variant = variant or DEFAULT_VARIANTS.get(kind, "demo")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    c = importlib.import_module(f"configs.{config_module}").get_config(variant)
-    path = data.split(":", 1)[1] if ":" in data else ""
-    if kind == "lfw":
-        c.data.train, c.data.val_targets = data, (data,)
-    elif kind != "synthetic":  # any training spec (recordio:, folder:, ...); verification sets from --val
-        c.data.train, c.data.val_targets = data, ()
-    elif path:
-        c.data.train = data
-    if overrides.get("val_targets"):
-        c.data.val_targets = tuple(overrides["val_targets"])
-    if not c.data.val_targets:
-        raise ValueError(f"--data={data}: give the verification sets to compare on with --val=SPEC[,SPEC]")
-    is_teacher_run = config_module == TEACHER
-    if overrides.get("student") and not is_teacher_run:
-        c.model = overrides["student"]
-    if is_teacher_run:  # the suite's teacher is the architecture its students distil from
-        c.model = overrides.get("teacher") or config_lib.kd_config(variant).teacher.model
-    elif overrides.get("teacher") and c.teacher.model:
-        c.teacher.model = overrides["teacher"]
-    for key, field in _SIZE_FIELDS.items():
-        if key in overrides:
-            config_lib.set_field(c, field, overrides[key])
-    if "embedding_size" in overrides:
-        c.embedding_size = c.teacher.embedding_size = overrides["embedding_size"]
-    config_lib.suite_budget(c, steps or c.num_train_steps)
-    if c.teacher.model:
-        c.teacher.workdir = os.path.join(workdir, TEACHER)
-    return c
+    path, _, arg = config.partition(":")
+    module = config_lib.load_module(path)
+    if not isinstance(getattr(module, "SUITE", None), config_lib.Suite):
+        raise ValueError(f"--config={config}: {path} declares no table (a SUITE = config_lib.Suite(...)); the tables "
+                         "are configs/demo.py, configs/lfw.py and configs/lfw_dlib.py")
+    return Table(path=path, arg=arg, module=module)
 
 
 def _config_key(config) -> str:
@@ -134,7 +78,7 @@ def _finished(run_dir: str, config) -> Optional[Dict[str, Any]]:
     return None
 
 
-_VAL_TARGETS: Dict[str, Any] = {}  # the suite's verification sets, decoded once per process (10 s for LFW's)
+_VAL_TARGETS: Dict[str, Any] = {}  # the table's verification sets, decoded once per process (10 s for LFW's)
 
 
 def _val_targets(config) -> Dict[str, Any]:
@@ -150,9 +94,16 @@ def _val_targets(config) -> Dict[str, Any]:
     return _VAL_TARGETS[key]
 
 
-def _train_record(name: str, description: str, config, run_dir: str, log) -> Dict[str, Any]:
+def _summary_of(model: str, image_size: int, embedding_size: int) -> Dict[str, Any]:
+    from facekd_jax import models
+
+    s = models.model_summary(model, image_size=image_size, embedding_size=embedding_size)
+    return {"params": s["params"], "gflops": s["gflops"], "mb": s["mb"]}
+
+
+def train_run(name: str, description: str, config, run_dir: str, log) -> Dict[str, Any]:
     """Trains (or reuses) one run and returns its suite record: eval results, size, time."""
-    from facekd_jax import models, train
+    from facekd_jax import train
 
     record = _finished(run_dir, config)
     if record is not None:
@@ -163,286 +114,238 @@ def _train_record(name: str, description: str, config, run_dir: str, log) -> Dic
     out = train.train_and_evaluate(config, run_dir, val_targets=_val_targets(config))
     if out.get("preempted"):
         raise SystemExit(f"suite interrupted during {name}; run the same command again to continue")
-    summary = models.model_summary(config.model, image_size=config.data.image_size,
-                                   embedding_size=config.embedding_size)
     record = {"step": out["step"], "description": description, "model": config.model,
-              "train_seconds": time.time() - t0, "eval": out["eval"], "params": summary["params"],
-              "gflops": summary["gflops"], "mb": summary["mb"], "image_size": config.data.image_size,
-              "seed": config.seed, "config": _config_key(config)}
+              "train_seconds": time.time() - t0, "eval": out["eval"], "image_size": config.data.image_size,
+              "seed": config.seed, "config": _config_key(config),
+              **_summary_of(config.model, config.data.image_size, config.embedding_size)}
     with open(os.path.join(run_dir, "suite_run.json"), "w") as f:
         json.dump(record, f)
     return record
 
 
-def run_suite(data: str, workdir: str, *, steps: Optional[int] = None, only: Optional[List[str]] = None,
-              overrides: Optional[Dict[str, Any]] = None, variant: Optional[str] = None,
-              log=print) -> Dict[str, Any]:
-    """Trains and evaluates every run of RUNS (or `only`) at the size of config variant `variant` (default: the
-    data kind's, DEFAULT_VARIANTS), then writes the summary files; returns the summary."""
-    overrides = overrides or {}
-    os.makedirs(workdir, exist_ok=True)
-    names = [r[0] for r in RUNS]
-    wanted = only or names
-    unknown = sorted(set(wanted) - set(names))
-    if unknown:
-        raise ValueError(f"unknown suite runs {unknown}; known: {names}")
-    if any(n != TEACHER and n != BASELINE for n in wanted) and TEACHER not in wanted:
-        wanted = [TEACHER] + list(wanted)
-    records: Dict[str, Dict[str, Any]] = {}
-    for name, module, description in RUNS:
-        if name not in wanted:
+# ----------------------------------------------------------------------------------------------- the teacher
+
+
+@dataclasses.dataclass
+class Teacher:
+    """The table's teacher: its run folder, what its config.json says, and its record when it is a run of the
+    table (trained here; else it is evaluated on the table's pairs with its own crop)."""
+    workdir: str
+    run: Any                       # teachers.imported.TeacherRun
+    record: Optional[Dict[str, Any]] = None
+
+
+def get_teacher(table: Table, workdir: str, *, teacher_dir: Optional[str], log) -> Optional[Teacher]:
+    """The teacher of the table: --teacher=DIR as it is, an import (`import:dlib`) into DIR/teacher_dlib, or the
+    table's teacher run trained in DIR/<run>; None for a table without one."""
+    from facekd_jax.teachers.imported import import_dlib, read_teacher_run
+
+    source = table.suite.teacher
+    if teacher_dir:
+        return Teacher(teacher_dir, read_teacher_run(teacher_dir))
+    if source == "import:dlib":
+        out = os.path.join(workdir, "teacher_dlib")
+        import_dlib(out, log=log)
+        return Teacher(out, read_teacher_run(out))
+    if source.startswith("import:"):
+        raise ValueError(f"{table.path}: SUITE.teacher={source!r}: the suite imports dlib's teacher itself; import "
+                         "others with python -m facekd_jax.teachers import ... and pass --teacher=DIR")
+    if not source:
+        return None
+    out = os.path.join(workdir, source)
+    record = train_run(source, table.suite.descriptions.get(source, source), table.config(source), out, log)
+    return Teacher(out, read_teacher_run(out), record)
+
+
+def with_teacher(config, teacher: Optional[Teacher]):
+    """A KD run's teacher fields set to the table's teacher (its workdir, model and width; a training-only
+    projection where the widths differ)."""
+    if teacher is None or not config.teacher.model:
+        return config
+    config.teacher.workdir = teacher.workdir
+    config.teacher.model, config.teacher.embedding_size = teacher.run.model, teacher.run.embedding_size
+    config.kd.projection = bool(config.kd.projection or config.embedding_size != teacher.run.embedding_size)
+    return config
+
+
+def build_caches(configs: Sequence, teacher: Optional[Teacher], log) -> None:
+    """Every teacher-embedding cache the runs name (config.teacher.cache, `{teacher}` = the teacher's folder),
+    built (or finished) once for the run's training data."""
+    from facekd_jax import config_lib
+    from facekd_jax.data import specs
+    from facekd_jax.teachers import cache as cache_lib
+
+    done = set()
+    for config in configs:
+        out = config_lib.teacher_cache_dir(config)
+        if not out or out in done or teacher is None:
             continue
-        config = suite_config(module, data=data, workdir=workdir, steps=steps, overrides=overrides, variant=variant)
-        records[name] = _train_record(name, description, config, os.path.join(workdir, name), log)
-    return write_summary(records, workdir, log=log)
+        done.add(out)
+        spec = specs.parse(config.data.train, specs.TRAIN, root=config.data.root, field="config.data.train")
+        t0 = time.time()
+        built = cache_lib.build_cache(teacher.workdir, spec, out)
+        log(f"teacher cache {out}: {built.header['data']['num_images']} images ({time.time() - t0:.0f} s)")
 
 
-def _teacher_spec(spec: str, crop) -> str:
-    """The student's verification spec with the teacher's own crop instead (same pairs, same images)."""
-    from facekd_jax.data import images as images_lib
-    from facekd_jax.data import verification
+def teacher_record(teacher: Teacher, config, log) -> Dict[str, Any]:
+    """The teacher evaluated on the table's first verification set with its own crop and input size, cached in
+    its folder per set (suite_eval.json)."""
+    from facekd_jax import config_lib, eval_only
+    from facekd_jax.data import specs
 
-    kind, _, rest = spec.partition(":")
-    if crop is None:
-        return spec
-    box = ",".join(str(v) for v in crop)
-    if kind in ("lfw", "lfw-view2"):
-        root = images_lib.split_crop(rest)[0]
-        pairs = "pairsDevTest.txt" if kind == "lfw" else "pairs.txt"
-        return f"pairs:{os.path.join(root, pairs)}:{os.path.join(root, verification.LFW_IMAGES)}@{box}"
-    if kind in ("pairs", "bin"):
-        return f"{kind}:{images_lib.split_crop(rest)[0]}@{box}"
-    raise ValueError(f"--val={spec}: no way to give the teacher its crop on this kind of set")
-
-
-def _teacher_record(teacher_dir: str, spec: str, eval_batch_size: int, log) -> Dict[str, Any]:
-    """The imported teacher evaluated on `spec` (its own crop and input size), cached beside it per spec."""
-    from facekd_jax import config_lib, models, train
-    from facekd_jax.teachers.imported import read_teacher_run
-
-    run = read_teacher_run(teacher_dir)
-    path = os.path.join(teacher_dir, "suite_eval.json")
+    if teacher.record is not None:
+        return teacher.record
+    spec = specs.parse(config.data.val_targets[0], specs.VERIFICATION, root=config.data.root)
+    crop = teacher.run.crop_for(config.data.train)  # by the data's kind: dlib's own box on LFW
+    spec = str(spec.replace(crop=crop) if crop else spec)
+    path = os.path.join(teacher.workdir, "suite_eval.json")
     cached = {}
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
     if spec not in cached:
+        run = teacher.run
         log(f"== teacher: {run.model} on {spec} ==")
-        config = config_lib.default_config()
-        config.model, config.embedding_size, config.data.image_size = run.model, run.embedding_size, run.image_size
-        config.data.val_targets = (spec,)
-        config.eval_batch_size = eval_batch_size
+        c = config_lib.default_config()
+        c.model, c.embedding_size, c.data.image_size = run.model, run.embedding_size, run.image_size
+        c.data.val_targets, c.eval_batch_size = (spec,), config.eval_batch_size
         t0 = time.time()
-        results = train.evaluate_workdir(config, teacher_dir)["results"]
-        summary = models.model_summary(run.model, image_size=run.image_size, embedding_size=run.embedding_size)
+        results = eval_only.evaluate_workdir(c, teacher.workdir)["results"]
         cached[spec] = {"description": f"{run.model} teacher ({run.image_size}x{run.image_size}, its own crop)",
-                        "model": run.model, "eval": results,
-                        "params": summary["params"], "gflops": summary["gflops"], "mb": summary["mb"],
-                        "image_size": run.image_size, "train_seconds": 0.0, "eval_seconds": time.time() - t0}
+                        "model": run.model, "eval": results, "image_size": run.image_size, "train_seconds": 0.0,
+                        "eval_seconds": time.time() - t0,
+                        **_summary_of(run.model, run.image_size, run.embedding_size)}
         with open(path, "w") as f:
             json.dump(cached, f)
     return cached[spec]
 
 
-def run_dlib_suite(lfw_dir: str, workdir: str, **kwargs) -> Dict[str, Any]:
-    """The thesis's question with a strong teacher: dlib's descriptor imported into DIR/teacher_dlib, then
-    run_teacher_suite on LFW's View 1 training people (label-free row: all of their images)."""
-    from facekd_jax.teachers.imported import import_dlib
-
-    teacher_dir = os.path.join(workdir, "teacher_dlib")
-    import_dlib(teacher_dir, log=kwargs.get("log", print))
-    return run_teacher_suite(teacher_dir, workdir, train=f"lfw:{lfw_dir}", label_free=f"lfw-all:{lfw_dir}",
-                             **kwargs)
+# ----------------------------------------------------------------------------------------------- the table
 
 
-def run_teacher_suite(teacher_dir: str, workdir: str, *, train: str, label_free: str, seeds: int,
-                      students: Optional[List[str]] = None, steps: Optional[int] = None,
-                      only: Optional[List[str]] = None, overrides: Optional[Dict[str, Any]] = None,
-                      variant: str = DLIB_VARIANT, log=print) -> Dict[str, Any]:
-    """Every method of DISTILL_RUNS from the teacher run in `teacher_dir`, through its embedding caches (built in
-    DIR/cache_0 for `train` and DIR/cache_1 for `label_free` when missing), for each student and `seeds` seeds;
-    evaluates the teacher on the same pairs with its own crop; writes DIR/summary.json, summary.md and
-    roc_<student>.png. Returns {student: summary}."""
-    from facekd_jax import config_lib
-    from facekd_jax.teachers import cache as cache_lib
-    from facekd_jax.teachers.imported import read_teacher_run
-
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    students = list(students or DLIB_STUDENTS)
-    names = [r[0] for r in DISTILL_RUNS]
-    wanted = only or names
-    unknown = sorted(set(wanted) - set(names))
+def run_suite(config: str, workdir: str, *, runs: Optional[Sequence[str]] = None, seeds: Optional[int] = None,
+              students: Optional[Sequence[str]] = None, teacher_dir: Optional[str] = None,
+              log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Trains and evaluates the table of `config` ('configs/NAME.py[:ARG]'): `runs` (default all, the teacher
+    first where it is a run), `seeds` (default SUITE.seeds) and `students` (default the config's model) in
+    `workdir`; writes and returns the summary {"students": {student: table}, "seeds", "teacher"}."""
+    table = load_table(config)
+    suite = table.suite
+    wanted = list(runs or suite.runs)
+    unknown = sorted(set(wanted) - set(suite.runs))
     if unknown:
-        raise ValueError(f"unknown suite runs {unknown}; known: {names}")
+        raise ValueError(f"unknown suite runs {unknown}; {table.path} has: {', '.join(suite.runs)}")
+    seeds = int(seeds or suite.seeds)
     os.makedirs(workdir, exist_ok=True)
-    teacher = read_teacher_run(teacher_dir)
-    specs = {"train": train, "label_free": label_free}
-    caches = {}
-    for role, spec in specs.items():
-        if role == "label_free" and LABEL_FREE not in wanted:
-            continue
-        name = "cache_" + spec.split(":", 1)[0].replace("-", "_")  # cache_lfw, cache_lfw_all
-        if role == "label_free" and spec.split(":", 1)[0] == train.split(":", 1)[0]:
-            name += "_label_free"
-        caches[role] = os.path.join(workdir, name)
-        t0 = time.time()
-        built = cache_lib.build_cache(teacher_dir, spec, caches[role])
-        log(f"teacher cache {caches[role]}: {built.header['data']['num_images']} images ({time.time() - t0:.0f} s)")
-
-    summaries = {}
-    for student in students:
-        seed_records: Dict[str, List[Dict[str, Any]]] = {}
+    rows = [r for r in suite.runs if r in wanted and r != suite.teacher]
+    needs = [table.config(r) for r in rows]
+    teacher = None
+    if any(c.teacher.model for c in needs) or suite.teacher in wanted or teacher_dir:
+        teacher = get_teacher(table, workdir, teacher_dir=teacher_dir, log=log)
+    plan = {}  # (student, seed, run) -> config
+    for student in (students or [None]):
         for seed in range(seeds):
-            for name, module, description, extra in DISTILL_RUNS:
-                if name not in wanted:
-                    continue
-                config = suite_config(module, data=train, workdir=workdir, steps=steps,
-                                      overrides=dict(overrides, student=student), variant=variant)
-                config.seed = seed
-                if config.teacher.model:
-                    role = "label_free" if name == LABEL_FREE else "train"
-                    config.teacher.model, config.teacher.workdir = teacher.model, teacher_dir
-                    config.teacher.embedding_size = teacher.embedding_size
-                    config.teacher.cache = caches[role]
-                    config.data.train = specs[role]
-                    config.kd.projection = config.embedding_size != teacher.embedding_size
-                for key, value in extra.items():
-                    config_lib.set_field(config, key, value)
-                run_dir = os.path.join(workdir, student, f"seed{seed}", name)
-                record = _train_record(f"{student} seed {seed} {name}", description, config, run_dir, log)
-                seed_records.setdefault(name, []).append(record)
-        val = next(iter(next(iter(seed_records.values()))[0]["eval"]))
-        teacher_rec = _teacher_record(teacher_dir, _teacher_spec(config.data.val_targets[0],
-                                                                 teacher.crop_for(train)),
-                                      config.eval_batch_size, log)
-        summaries[student] = write_seed_summary(student, seed_records, teacher_rec, workdir, val, log=log)
+            for run in rows:
+                plan[(student, seed, run)] = with_teacher(table.config(run, seed=seed, student=student), teacher)
+    build_caches(plan.values(), teacher, log)
+    records: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+    for (student, seed, run), c in plan.items():
+        name = c.model if student is None else student
+        record = train_run(f"{name} seed {seed} {run}", suite.descriptions.get(run, run), c,
+                           os.path.join(workdir, name, f"seed{seed}", run), log)
+        records.setdefault(name, {}).setdefault(run, []).append(record)
+    summaries = {}
+    for name, by_run in records.items():
+        first = next(c for (s, _, _), c in plan.items() if (c.model if s is None else s) == name)
+        t = teacher_record(teacher, first, log) if teacher is not None else None
+        summaries[name] = write_table(name, by_run, t, suite.baseline, workdir, log=log)
+    summary = {"students": summaries, "seeds": seeds, "teacher": teacher.workdir if teacher else None,
+               "config": config}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump({"students": summaries, "seeds": seeds, "teacher": teacher.workdir}, f, indent=2)
+        json.dump(summary, f, indent=2)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
-        for summary in summaries.values():
-            f.write(summary["markdown"] + "\n")
+        f.write("\n".join(s["markdown"] for s in summaries.values()))
     log(f"wrote {workdir}/summary.json, summary.md, roc_<student>.png")
-    return summaries
+    return summary
 
 
-def write_seed_summary(student: str, seed_records: Dict[str, List[Dict[str, Any]]], teacher: Dict[str, Any],
-                       workdir: str, val: str, *, log=print) -> Dict[str, Any]:
-    """One student's table over seeds: accuracy mean +- std over seeds, per-seed accuracy and McNemar p against
-    that seed's baseline, EER and FNMR@FMR=1e-3 (means), size, train time; the teacher's row on the same pairs;
-    roc_<student>.png with every model's seed-0 curve and the teacher's."""
+def _row(description: str, results: List[Dict[str, Any]], records: List[Dict[str, Any]],
+         baseline: Optional[List[Dict[str, Any]]], *, is_baseline: bool) -> Dict[str, Any]:
     import numpy as np
 
+    from facekd_jax import evaluate
+
+    acc = [r["accuracy"] for r in results]
+    tests = []
+    if baseline and not is_baseline:  # a row of one result (the teacher) is compared with every seed's baseline
+        mine = results if len(results) == len(baseline) else [results[0]] * len(baseline)
+        tests = [evaluate.mcnemar(r["correct"], b["correct"]) for r, b in zip(mine, baseline)]
+    return {"description": description, "accuracy_mean": float(np.mean(acc)),
+            "accuracy_std_over_seeds": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+            "accuracy_fold_std": float(results[0]["accuracy_std"]), "accuracy_per_seed": acc,
+            "p_vs_baseline_per_seed": [t["p_value"] for t in tests],
+            "discordant_per_seed": [[t["b"], t["c"]] for t in tests],
+            "eer_mean": float(np.mean([r["eer"] for r in results])),
+            "fnmr_at_fmr_1e-3_mean": float(np.mean([r["fnmr_at_fmr"]["1e-3"] for r in results])),
+            "params": records[0]["params"], "gflops": records[0]["gflops"], "mb": records[0]["mb"],
+            "train_seconds_mean": float(np.mean([r["train_seconds"] for r in records])),
+            "image_size": records[0]["image_size"]}
+
+
+def write_table(student: str, by_run: Dict[str, List[Dict[str, Any]]], teacher: Optional[Dict[str, Any]],
+                baseline: str, workdir: str, *, log=print) -> Dict[str, Any]:
+    """One student's table over seeds (its markdown, its rows for summary.json) and roc_<student>.png with every
+    model's seed-0 curve and the teacher's. With one seed the ± is the 10-fold std of that run, with several the
+    std over seeds; p is McNemar's exact test on the per-pair decisions against that seed's baseline."""
     from facekd_jax import evaluate
 
     def result(rec):
         return next(iter(rec["eval"].values()))
 
-    baseline = seed_records.get(DLIB_BASELINE)
+    base = [result(r) for r in by_run[baseline]] if baseline in by_run else None
+    entries = ([("teacher", [teacher])] if teacher is not None else []) + list(by_run.items())
     rows, curves = {}, {}
-    t = result(teacher)
-    rows["teacher"] = {"description": teacher["description"], "accuracy_mean": t["accuracy"],
-                            "accuracy_std_over_seeds": 0.0, "accuracy_per_seed": [t["accuracy"]],
-                            "p_vs_baseline_per_seed": [evaluate.mcnemar(t["correct"], result(b)["correct"])["p_value"]
-                                                       for b in baseline] if baseline else [],
-                            "eer_mean": t["eer"], "fnmr_at_fmr_1e-3_mean": t["fnmr_at_fmr"]["1e-3"],
-                            "params": teacher["params"], "gflops": teacher["gflops"], "train_seconds_mean": 0.0,
-                            "image_size": teacher["image_size"]}
-    curves["teacher"] = (t["roc"]["fmr"], t["roc"]["fnmr"])
-    for name, recs in seed_records.items():
+    for name, recs in entries:
         res = [result(r) for r in recs]
-        acc = [r["accuracy"] for r in res]
-        p_values = []
-        if baseline and name != DLIB_BASELINE:
-            p_values = [evaluate.mcnemar(r["correct"], result(b)["correct"])["p_value"] for r, b in zip(res, baseline)]
-        rows[name] = {"description": recs[0]["description"], "accuracy_mean": float(np.mean(acc)),
-                      "accuracy_std_over_seeds": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
-                      "accuracy_per_seed": acc, "p_vs_baseline_per_seed": p_values,
-                      "eer_mean": float(np.mean([r["eer"] for r in res])),
-                      "fnmr_at_fmr_1e-3_mean": float(np.mean([r["fnmr_at_fmr"]["1e-3"] for r in res])),
-                      "params": recs[0]["params"], "gflops": recs[0]["gflops"],
-                      "train_seconds_mean": float(np.mean([r["train_seconds"] for r in recs])),
-                      "image_size": recs[0]["image_size"]}
+        rows[name] = _row(recs[0]["description"], res, recs, base, is_baseline=name == baseline)
         curves[name] = (res[0]["roc"]["fmr"], res[0]["roc"]["fnmr"])
-    pairs = len(t["correct"])
-    lines = [f"### {student}: {val} ({pairs} pairs), {len(baseline or [])} seeds\n",
-             "| model | accuracy % (mean ± std over seeds) | per seed | McNemar p vs that seed's baseline | "
-             "EER % | FNMR@FMR=1e-3 % | params (M) | GFLOPs | input | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    seeds = max(len(recs) for _, recs in entries)
+    val = next(iter(entries[-1][1][0]["eval"]))
+    pairs = len(result(entries[-1][1][0])["correct"])
+    spread = "std over seeds" if seeds > 1 else "10-fold std"
+    lines = [f"### {student}: {val} ({pairs} pairs), {seeds} seed{'s' if seeds > 1 else ''}\n",
+             f"| model | accuracy % (mean ± {spread}) | per seed | McNemar p vs that seed's baseline (b, c) | "
+             "EER % | FNMR@FMR=1e-3 % | params (M) | GFLOPs | MB | input | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        spread_value = r["accuracy_std_over_seeds"] if seeds > 1 else r["accuracy_fold_std"]
         per_seed = ", ".join(f"{100 * a:.1f}" for a in r["accuracy_per_seed"])
-        p = ", ".join(f"{v:.2g}" for v in r["p_vs_baseline_per_seed"]) or ("baseline" if name == DLIB_BASELINE
-                                                                            else "n/a")
-        lines.append(f"| {name} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std_over_seeds']:.2f} | "
-                     f"{per_seed} | {p} | {100 * r['eer_mean']:.2f} | {100 * r['fnmr_at_fmr_1e-3_mean']:.1f} | "
-                     f"{r['params'] / 1e6:.2f} | {r['gflops']:.3f} | {r['image_size']} | "
+        p = ", ".join(f"{v:.3g} ({b}, {c})" for v, (b, c) in zip(r["p_vs_baseline_per_seed"],
+                                                                r["discordant_per_seed"]))
+        p = p or ("baseline" if name == baseline else "n/a")
+        lines.append(f"| {name} | {100 * r['accuracy_mean']:.2f} ± {100 * spread_value:.2f} | {per_seed} | {p} | "
+                     f"{100 * r['eer_mean']:.2f} | {100 * r['fnmr_at_fmr_1e-3_mean']:.1f} | "
+                     f"{r['params'] / 1e6:.2f} | {r['gflops']:.3f} | {r['mb']:.1f} | {r['image_size']} | "
                      f"{r['train_seconds_mean']:.0f} |")
     markdown = "\n".join(lines) + "\n"
     evaluate.plot_roc(curves, os.path.join(workdir, f"roc_{student}.png"),
-                      title=f"{student} students and their teacher, {val} (seed 0)")
+                      title=f"{student} and its teacher, {val} (seed 0)")
     log(markdown)
-    return {"verification_set": val, "pairs": pairs, "rows": rows, "markdown": markdown}
-
-
-def write_summary(records: Dict[str, Dict[str, Any]], workdir: str, *, log=print) -> Dict[str, Any]:
-    from facekd_jax import evaluate
-
-    target = next(iter(next(iter(records.values()))["eval"]))  # the first verification set
-    rows, curves = {}, {}
-    for name, rec in records.items():
-        r = rec["eval"][target]
-        rows[name] = {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"], "eer": r["eer"],
-                      "fnmr_at_fmr": r["fnmr_at_fmr"], "correct": r["correct"], "params": rec["params"],
-                      "gflops": rec["gflops"], "mb": rec["mb"]}
-        curves[name] = (r["roc"]["fmr"], r["roc"]["fnmr"])
-    baseline = BASELINE if BASELINE in rows else None
-    models_json = {}
-    for name, row in rows.items():
-        p = None
-        if baseline and name != baseline:
-            p = evaluate.mcnemar(row["correct"], rows[baseline]["correct"])["p_value"]
-        models_json[name] = {
-            "accuracy": row["accuracy"], "accuracy_std": row["accuracy_std"], "eer": row["eer"],
-            "fnmr_at_fmr": row["fnmr_at_fmr"], "params": row["params"], "gflops": row["gflops"], "mb": row["mb"],
-            "p_value_vs_baseline": p, "train_seconds": records[name]["train_seconds"],
-            "description": records[name]["description"], "pairs": len(row["correct"])}
-    table = evaluate.compare(rows, baseline=baseline)
-    summary = {"verification_set": target, "baseline": baseline,
-               "image_size": next(iter(records.values()))["image_size"], "models": models_json}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(f"Verification set: {target} ({models_json[next(iter(models_json))]['pairs']} pairs)\n\n")
-        f.write(table + "\n")
-    evaluate.plot_roc(curves, os.path.join(workdir, "roc.png"), title=f"ROC on {target}")
-    log(table)
-    log(f"wrote {workdir}/summary.json, summary.md, roc.png")
-    return summary
+    return {"verification_set": val, "pairs": pairs, "baseline": baseline, "rows": rows, "markdown": markdown}
 
 
 def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="synthetic", help="synthetic | lfw:DIR | any training data spec")
+    parser.add_argument("--config", required=True, help="a table's config file, FILE.py[:ARG] (ARG: a size such as "
+                        "tiny, key=value fields; applied to every run)")
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--steps", type=int, default=None, help="train steps per model (same for all)")
-    parser.add_argument("--runs", default="", help="comma-separated subset of: " + ",".join(r[0] for r in RUNS))
-    parser.add_argument("--val", default="", help="verification specs, comma-separated (bin:FILE, pairs:...)")
-    parser.add_argument("--student", default=None, help="student architecture (default resnet56)")
-    parser.add_argument("--teacher", default=None,
-                        help="'dlib': dlib's imported descriptor as the teacher (LFW data; see the module doc); "
-                             "else the architecture of the teacher the suite trains (default resnet18)")
-    parser.add_argument("--seeds", type=int, default=None, help="with --teacher=dlib: seeds per model (default 3)")
-    parser.add_argument("--students", default="", help="with --teacher=dlib: comma-separated students "
-                        "(default mobilefacenet)")
-    parser.add_argument("--variant", default="", help="the config variant every model is built at (config_lib."
-                        "VARIANTS, key=value parts allowed): default demo for synthetic data, lfw for LFW, "
-                        "lfw_dlib with --teacher=dlib")
-    parser.add_argument("--image_size", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=None)
-    parser.add_argument("--embedding_size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--scale", type=float, default=None, help="margin-head scale s for every model")
+    parser.add_argument("--runs", default="", help="comma-separated subset of the table's runs (default all)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per run (default the table's)")
+    parser.add_argument("--students", default="", help="comma-separated student models (default the config's)")
+    parser.add_argument("--teacher", default=None, help="a teacher run folder (trained, or imported with python -m "
+                        "facekd_jax.teachers import) instead of the table's own teacher")
     args = parser.parse_args(argv)
     from facekd_jax import paths
     if paths.is_url(args.workdir):
@@ -460,22 +363,8 @@ def main(argv=None):
     xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once (the configs keep cpu_kernels=auto)
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-    only = [r for r in args.runs.split(",") if r] or None
-    if args.teacher == "dlib":
-        kind, _, lfw_dir = args.data.partition(":")
-        if kind != "lfw" or not lfw_dir:
-            parser.error("--teacher=dlib runs on LFW: --data=lfw:DIR")
-        run_dlib_suite(lfw_dir, args.workdir, seeds=args.seeds or DLIB_SEEDS, variant=args.variant or DLIB_VARIANT,
-                       students=[s for s in args.students.split(",") if s] or None, steps=args.steps, only=only,
-                       overrides={"image_size": args.image_size, "batch_size": args.batch_size,
-                                  "embedding_size": args.embedding_size, "lr": args.lr, "scale": args.scale,
-                                  "val_targets": [v for v in args.val.split(",") if v] or None})
-        return
-    run_suite(args.data, args.workdir, steps=args.steps, only=only, variant=args.variant or None,
-              overrides={"student": args.student, "teacher": args.teacher, "image_size": args.image_size,
-                         "batch_size": args.batch_size,
-                         "embedding_size": args.embedding_size, "lr": args.lr, "scale": args.scale,
-                         "val_targets": [v for v in args.val.split(",") if v] or None})
+    run_suite(args.config, args.workdir, runs=[r for r in args.runs.split(",") if r] or None, seeds=args.seeds,
+              students=[s for s in args.students.split(",") if s] or None, teacher_dir=args.teacher)
 
 
 if __name__ == "__main__":

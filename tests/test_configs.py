@@ -1,54 +1,47 @@
-"""Every experiment file in configs/ at every variant: resolves, and the KD registry accepts its kd block."""
-import importlib
+"""Every config file in configs/ at every variant it declares: resolves, and the KD registry accepts its kd
+block; a table's runs are its own variants, loaded from a path."""
 import pathlib
 
 import pytest
 
-from facekd_jax import config_lib, losses, models, suite
+from facekd_jax import config_lib, losses, models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if hasattr(v, "items"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+def _variants(path):
+    module = config_lib.load_module(str(path))
+    runs = list(module.SUITE.runs) if hasattr(module, "SUITE") else [""]
+    return [(run, size) for run in runs for size in [""] + sorted(config_lib.SIZES)]
 
 
-@pytest.mark.parametrize("variant", [""] + sorted(config_lib.VARIANTS))
-@pytest.mark.parametrize("module", CONFIGS)
-def test_every_config_and_variant_resolves_and_the_kd_registry_accepts_it(module, variant):
-    c = importlib.import_module(f"configs.{module}").get_config(variant)
-    settings = losses.kd_settings(c.kd)  # unknown keys or choices raise
-    assert c.model in models.MODEL_NAMES
-    # A KD experiment turns on at least one registered term and names a teacher; the others need no teacher.
-    assert bool(losses.active_methods(settings)) == bool(c.teacher.model), (module, variant)
-    if variant:
-        assert c.num_train_steps > 0 and c.data.image_size > 0
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_and_variant_resolves_and_the_kd_registry_accepts_it(path):
+    for run, size in _variants(path):
+        arg = ",".join(p for p in (run, size) if p)
+        c = config_lib.load_config(f"{path}:{arg}" if arg else str(path))
+        settings = losses.kd_settings(c.kd)  # unknown keys or choices raise
+        assert c.model in models.MODEL_NAMES, (path.stem, arg)
+        # A KD experiment turns on at least one registered term and names a teacher; the others need no teacher.
+        assert bool(losses.active_methods(settings)) == bool(c.teacher.model), (path.stem, arg)
+        assert c.num_train_steps > 0 or c.num_epochs > 0
 
 
-def test_the_suites_sizes_are_the_variants(tmp_path):
-    """One definition of each table's size: a suite model is configs/FILE.py:VARIANT with only its data paths and
-    teacher location filled in, whichever variant the suite is given."""
-    for data, variant, module in [("synthetic", "demo", "feature_kd"), ("lfw:/d/lfw", "lfw", "conventional_kd"),
-                                  ("lfw:/d/lfw", "lfw_dlib", "conventional_kd"), ("synthetic", "tiny", "rkd")]:
-        from_suite = _flat(suite.suite_config(module, data=data, workdir=str(tmp_path), steps=None, overrides={},
-                                              variant=variant))
-        direct = _flat(importlib.import_module(f"configs.{module}").get_config(variant))
-        differ = {k for k in direct if direct[k] != from_suite[k]}
-        allowed = {"teacher.workdir", "data.train", "data.val_targets"}
-        if variant == "tiny":  # the suite's budget policy on the variant's step count
-            allowed |= {"optimizer.schedule", "optimizer.step_fractions", "log_every_steps", "checkpoint_every_steps",
-                        "keep_checkpoints", "best_metric"}
-        assert differ <= allowed, (variant, differ - allowed)
-        assert from_suite["num_train_steps"] == direct["num_train_steps"], variant
-    # without a variant the data kind decides: lfw -> `lfw`
-    lfw = importlib.import_module("configs.baseline_resnet56").get_config("lfw")
-    c = suite.suite_config("baseline_resnet56", data="lfw:/d", workdir=str(tmp_path), steps=None, overrides={})
-    assert (c.data.image_size, c.embedding_size, c.num_train_steps) == (lfw.data.image_size, lfw.embedding_size,
-                                                                        lfw.num_train_steps)
+def test_config_args_take_variants_fields_and_bracketed_values():
+    c = config_lib.load_config(f"{REPO}/configs/lfw_dlib.py:label_free_kd,seed=2,data.val_targets=('bin:a.bin', "
+                               "'lfw:{root}')")
+    assert c.seed == 2 and c.kd.ce_weight == 0.0 and c.data.val_targets == ("bin:a.bin", "lfw:{root}")
+    with pytest.raises(KeyError, match="no field 'nope'"):
+        config_lib.load_config(f"{REPO}/configs/demo.py:nope=1")
+    with pytest.raises(ValueError, match="unknown config variant 'huge'"):
+        config_lib.load_config(f"{REPO}/configs/feature_kd.py:huge")
+    with pytest.raises(FileNotFoundError, match="absent.py"):
+        config_lib.load_config(f"{REPO}/configs/absent.py")
+
+
+def test_a_teacher_cache_in_its_teachers_folder():
+    c = config_lib.load_config(f"{REPO}/configs/lfw_dlib.py:feature_kd,teacher.workdir=/t/dlib/")
+    assert config_lib.teacher_cache_dir(c) == "/t/dlib/cache_lfw"
+    c.teacher.cache = "/caches/x"
+    assert config_lib.teacher_cache_dir(c) == "/caches/x"
