@@ -7,7 +7,8 @@
 
 images: float [B, S, S, 3], NHWC RGB, normalised as (pixel - 127.5) / 127.5 (arcface_torch).
 Models: resnet18 (thesis teacher, torchvision body), resnet56 (thesis student, CIFAR body), and insightface's
-iresnet18/34/50/100, mobilefacenet (Chen et al. 2018, the phone student; its own GDConv head), and dlib_resnet29 (dlib's face descriptor, imported weights, 150x150 -> 128; eval only).
+iresnet18/34/50/100/200, mobilefacenet (Chen et al. 2018, the phone student; its own GDConv head), and
+dlib_resnet29 (dlib's face descriptor, imported weights, 150x150 -> 128; eval only).
 Params are float32 always; ``dtype`` sets the compute dtype. ``conv`` and ``norm`` keyword arguments replace
 flax's layer classes (facekd_jax.cpu hands in oneDNN ones); nothing here is platform-specific.
 """
@@ -25,7 +26,7 @@ from facekd_jax.models.resnet import RESNET_CONFIGS, ResNet
 from facekd_jax.models.summary import count_params, model_summary
 
 MODEL_NAMES = ("resnet18", "resnet56", "iresnet18", "iresnet34", "iresnet50", "iresnet100",
-               "resnet10", "resnet34", "resnet8", "resnet20", "mobilefacenet", "dlib_resnet29")
+               "iresnet200", "resnet10", "resnet34", "resnet8", "resnet20", "mobilefacenet", "dlib_resnet29")
 
 # Imported networks whose input side and embedding width are fixed by their weights (name -> (S, E)).
 FIXED_SHAPES = {"dlib_resnet29": (150, 128)}

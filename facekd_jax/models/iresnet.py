@@ -2,13 +2,14 @@
 
 Architecture (recognition/arcface_torch/backbones/iresnet.py):
   stem   conv3x3(3 -> 64, stride 1) -> BN -> PReLU (per channel)
-  stages widths 64/128/256/512, blocks [2,2,2,2] r18, [3,4,6,3] r34, [3,4,14,3] r50, [3,13,30,3] r100;
+  stages widths 64/128/256/512, blocks [2,2,2,2] r18, [3,4,6,3] r34, [3,4,14,3] r50, [3,13,30,3] r100,
+         [6,26,60,6] r200;
          stride 2 in the first block of every stage, so 112 -> 56 -> 28 -> 14 -> 7
   block  BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus shortcut (identity, or conv1x1(stride)
          + BN where the shape changes); no activation after the sum
   head   BN2d -> flatten -> dropout -> FC(512*7*7 -> E) -> BN1d with scale fixed to 1 (see heads.py)
 Sub-module names follow the torch ones (conv1, bn1, prelu, layer1_0, ...; head/bn2, head/fc, head/features)
-so a converted insightface state dict maps one to one.
+so a converted insightface state dict maps one to one (facekd_jax.teachers.insightface imports .pth and .onnx).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ IRESNET_STAGES = {
     "iresnet34": (3, 4, 6, 3),
     "iresnet50": (3, 4, 14, 3),
     "iresnet100": (3, 13, 30, 3),
+    "iresnet200": (6, 26, 60, 6),
 }
 
 

@@ -3,6 +3,9 @@
   python -m facekd_jax.teachers import dlib --out=runs/teacher_dlib [--weights=PATH]
       dlib's face descriptor (face_recognition_models' .dat, read without dlib) -> a teacher run for
       --config.teacher.workdir (and for --mode=eval like any run)
+  python -m facekd_jax.teachers import insightface --weights=FILE.pth|FILE.onnx [--arch=r50] --out=DIR
+      an insightface arcface_torch iResNet (r18/r34/r50/r100/r200; the state dict read without running code from
+      it, the ONNX graph mapped by its structure; --arch inferred when left out) -> a teacher run the same way
   python -m facekd_jax.teachers cache --teacher=runs/teacher_dlib --data=lfw:../shared/data/lfw \\
       --out=runs/cache_dlib_lfw [--crop=l,t,r,b] [--batch_size=64]
       every training image and its mirror embedded once, with the teacher's own crop and input size
@@ -33,9 +36,11 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="import a pretrained teacher into a teacher run")
-    imp.add_argument("name", choices=["dlib"], help="which teacher")
+    imp.add_argument("name", choices=["dlib", "insightface"], help="which teacher")
     imp.add_argument("--out", required=True, help="the teacher run's directory (new or empty)")
-    imp.add_argument("--weights", default="", help="the weight file (default: the installed package's)")
+    imp.add_argument("--weights", default="", help="the weight file (dlib: default the installed package's; "
+                                                    "insightface: a .pth state dict or an .onnx file, required)")
+    imp.add_argument("--arch", default="", help="insightface: r18, r34, r50, r100 or r200 (default: from the file)")
     cache = sub.add_parser("cache", help="build (or finish) a teacher-embedding cache for a training source")
     cache.add_argument("--teacher", required=True, help="a teacher run (trained or imported)")
     cache.add_argument("--data", required=True, help="the training data spec the student will use")
@@ -55,8 +60,16 @@ def main(argv=None) -> int:
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     try:
-        if args.command == "import":
+        if args.command == "import" and args.name == "insightface":
+            from facekd_jax.teachers.insightface import import_insightface
+            if not args.weights:
+                raise ValueError("import insightface needs --weights=FILE.pth or --weights=FILE.onnx (arcface_torch's "
+                                 "iResNet)")
+            import_insightface(args.out, args.weights, arch=args.arch or None, log=print)
+        elif args.command == "import":
             from facekd_jax.teachers.imported import import_dlib
+            if args.arch:
+                raise ValueError(f"--arch={args.arch} is for import insightface; dlib's network has one architecture")
             import_dlib(args.out, weights=args.weights or None, log=print)
         else:
             from facekd_jax.teachers.cache import build_cache
@@ -65,7 +78,7 @@ def main(argv=None) -> int:
             print(f"{args.out}: {built.header['data']['num_images']} images x 2 flips, "
                   f"{built.embedding_size}-d, {built.header['data']['num_classes']} identities "
                   f"({built.header.get('embed_seconds', 0)} s)")
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
