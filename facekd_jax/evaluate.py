@@ -29,7 +29,8 @@ FMR_TARGETS = {"1e-2": 1e-2, "1e-3": 1e-3, "1e-4": 1e-4}
 ROC_POINTS = 200  # at most this many ROC vertices are kept (log-spaced in FMR)
 
 __all__ = [
-    "ACCURACY_THRESHOLDS", "VAL_THRESHOLDS", "FMR_TARGETS", "embed", "verify", "mcnemar", "bootstrap_ci",
+    "ACCURACY_THRESHOLDS", "VAL_THRESHOLDS", "FMR_TARGETS", "embed", "embed_program", "verify", "mcnemar",
+    "bootstrap_ci",
     "compare", "plot_roc", "evaluate_targets", "write_results",
 ]
 
@@ -65,7 +66,9 @@ def _cached_embed_fn(apply_fn, flip, mesh):
     return _build_embed_fn(apply_fn, flip, mesh)
 
 
-def _embed_fn(apply_fn, flip, mesh):
+def embed_program(apply_fn: Callable, flip: bool, mesh: jax.sharding.Mesh | None) -> Callable:
+    """The jitted (variables, images uint8 or float [B, S, S, 3]) -> (L2-normalised embeddings [B, E] float32,
+    mean embedding norm [B]) that `embed` runs batch by batch (facekd_jax.plan compiles it for a TPU topology)."""
     try:  # one compilation per (apply_fn, flip, mesh): evaluate_targets reuses it across sets
         return _cached_embed_fn(apply_fn, flip, mesh)
     except TypeError:  # unhashable callable: compiled per call instead
@@ -93,7 +96,7 @@ def _embed_with_norms(apply_fn, variables, images, *, batch_size=256, flip=True,
         variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     # Static batch: one compilation; small sets use a smaller (still static) batch, a multiple of the shards.
     bs = -(-min(batch_size, n) // shards) * shards
-    fn = _embed_fn(apply_fn, bool(flip), mesh)
+    fn = embed_program(apply_fn, bool(flip), mesh)
     outputs = []
     for start in range(0, n, bs):
         chunk = images[start:start + bs]

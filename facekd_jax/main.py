@@ -63,38 +63,9 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
-def check_config_overrides(argv) -> None:
-    """Fails, in one line and before anything is written, on a missing config file, an unknown variant or
-    key=value in FILE.py:ARG, or an unknown `--config.a.b=...` key, naming it and the valid ones."""
-    import importlib.util
-
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    if not path:
-        return
-    file, _, variant = path.partition(":")
-    if not os.path.isfile(file):
-        sys.exit(f"error: --config={path}: config file {file} does not exist")
-    spec = importlib.util.spec_from_file_location("_facekd_config", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        config = module.get_config(variant) if variant else module.get_config()
-    except (KeyError, ValueError) as e:
-        sys.exit(f"error: --config={path}: {e.args[0] if e.args else e}")
-    for key in overrides:
-        node, walked = config, []
-        for part in key.split("."):
-            if not hasattr(node, "keys") or part not in node:
-                valid = sorted(node.keys()) if hasattr(node, "keys") else []
-                where = ".".join(walked) or "the config"
-                sys.exit(f"error: unknown config key --config.{key}: {where} has no field {part!r}; "
-                         f"valid keys: {', '.join(valid)}")
-            node, walked = node[part], walked + [part]
-
-
 def run():
-    check_config_overrides(sys.argv[1:])
+    from facekd_jax import config_lib
+    config_lib.check_overrides(sys.argv[1:])
     app.run(main)
 
 

@@ -68,7 +68,7 @@ def model_layers(config, mesh) -> Dict[str, Any]:
     if config.cpu_kernels == "xla":
         return {}
     from facekd_jax import cpu
-    return cpu.model_layers(config.cpu_kernels, num_devices=mesh.size)
+    return cpu.model_layers(config.cpu_kernels, num_devices=mesh.size, platform=mesh.devices.flat[0].platform)
 
 
 def build_student(config, layers: Optional[Mapping[str, Any]] = None) -> nn.Module:

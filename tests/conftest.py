@@ -11,6 +11,10 @@ from facekd_jax.cpu import xla_flags  # noqa: E402
 xla_flags.apply_cpu_defaults()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The tests run on the CPU: with the [tpu] extra installed (the TPU plan's tests), JAX would otherwise try to start
+# a TPU backend in every process, and the first would hold libtpu's lock file that the plan's compile-only client
+# needs (facekd_jax.plan also sets ALLOW_MULTIPLE_LIBTPU_LOAD for that).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA cache for the whole session, shared with the subprocesses the tests start: the same train
 # step compiled by a resumed run, a second process or eval mode is then read back instead of recompiled.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

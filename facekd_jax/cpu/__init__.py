@@ -24,12 +24,14 @@ CHOICES = ("auto", "onednn", "xla")
 log = logging.getLogger(__name__)
 
 
-def model_layers(choice: str, *, num_devices: int) -> Dict[str, Any]:
+def model_layers(choice: str, *, num_devices: int, platform: str = "") -> Dict[str, Any]:
     """The conv/norm layer classes for build_model under `config.cpu_kernels = choice` ({} = flax's own).
 
     num_devices: the devices the run's mesh spans; the custom calls have no SPMD rule, so several devices get
-    flax's layers ("onednn" then raises). Raises ValueError for an unknown choice, RuntimeError where "onednn"
-    was asked for and cannot be had (the message says why and how to install the extra).
+    flax's layers ("onednn" then raises). platform: the mesh's ("cpu", "tpu", "gpu"; default JAX's backend): a
+    TPU program compiled on a CPU host (facekd_jax.plan) gets flax's layers. Raises ValueError for an unknown
+    choice, RuntimeError where "onednn" was asked for and cannot be had (the message says why and how to install
+    the extra).
     """
     if choice not in CHOICES:
         raise ValueError(f"config.cpu_kernels={choice!r}: expected one of {', '.join(CHOICES)}")
@@ -37,9 +39,10 @@ def model_layers(choice: str, *, num_devices: int) -> Dict[str, Any]:
         return {}
     import jax
 
+    platform = platform or jax.default_backend()
     why = ""
-    if jax.default_backend() != "cpu":
-        why = f"the backend is {jax.default_backend()}, not the CPU"
+    if platform != "cpu":
+        why = f"the devices are {platform}, not the CPU"
     elif num_devices != 1:
         why = f"the mesh has {num_devices} devices (the oneDNN custom calls run on one)"
     else:
@@ -50,7 +53,7 @@ def model_layers(choice: str, *, num_devices: int) -> Dict[str, Any]:
     if why:
         if choice == "onednn":
             raise RuntimeError(f"config.cpu_kernels='onednn' but oneDNN layers cannot be used: {why}")
-        if jax.default_backend() != "cpu":
+        if platform != "cpu":
             log.info("cpu_kernels=auto: flax's layers (%s)", why)
             return {}
         from facekd_jax.cpu.layers import TapsConv

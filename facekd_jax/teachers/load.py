@@ -92,3 +92,28 @@ def _shard_centres(centres, run: step_lib.Setup) -> jax.Array:
     centres = np.pad(centres, ((0, 0), (0, columns - centres.shape[1])))
     return jax.device_put(centres, NamedSharding(run.mesh, P(None, "model")))
 
+
+
+def abstract_teacher(run: step_lib.Setup) -> Dict[str, PyTree]:
+    """ShapeDtypeStructs, with their shardings, of what `load_teacher` returns for this run: what the train step is
+    lowered with where no teacher is at hand (facekd_jax.plan compiles for a TPU topology on any machine)."""
+    config, mesh = run.config, run.mesh
+    if not step_lib.needs_teacher(config.kd):
+        return {}
+    replicated = NamedSharding(mesh, P())
+    width = int(config.teacher.embedding_size)
+    out: Dict[str, PyTree] = {}
+    if config.teacher.cache:
+        if config.teacher.centre:
+            out["embedding_mean"] = jax.ShapeDtypeStruct((width,), np.float32, sharding=replicated)
+    else:
+        out = {"params": {}, "batch_stats": {}}
+        if run.teacher is not None:
+            shapes = jax.eval_shape(lambda rng: step_lib.init_variables(
+                run.teacher, None, step_lib.teacher_image_size(config), rng, width), jax.random.PRNGKey(0))
+            out = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    if step_lib.needs_teacher_head(config.kd):
+        columns = sharding.head_classes(run.num_classes, run.mesh.shape["model"])
+        out.setdefault("params", {})["head"] = {"kernel": jax.ShapeDtypeStruct(
+            (width, columns), np.float32, sharding=NamedSharding(mesh, P(None, "model")))}
+    return out
