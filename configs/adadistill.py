@@ -6,7 +6,9 @@ only the backbone. It needs only teacher embeddings, so it trains from a teacher
 
 Choices (the paper is silent): a class seen several times in one batch takes the mean of its samples' updates
 (the authors' indexed write keeps one of them); centres start at zero (theirs at N(0, 0.01): either way a class's
-first update makes its centre that teacher embedding). The authors use m = 0.45; here the run's margin_list."""
+first update makes its centre that teacher embedding). The authors use m = 0.45; here the run's margin_list, with
+arcface_torch's linear fallback where theta + m passes 180 degrees (the authors apply plain cos(theta + m): the two
+differ only for target angles above 151 degrees at m = 0.5; losses.adadistill_loss)."""
 from facekd_jax import config_lib
 
 

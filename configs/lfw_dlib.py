@@ -29,7 +29,7 @@ RUNS = {
     "rkd": ("rkd", "relational KD (distance 1, angle 2)"),
     "cosine_matrix_kd": ("cosine_matrix_kd", "MSE of batch cosine matrices"),
     "sp_kd": ("sp_kd", "similarity-preserving KD (Tung & Mori), exact"),
-    "grouped_kd": ("grouped_kd", "Grouped KD: binary + primary group"),
+    "grouped_kd": ("grouped_kd", "Grouped KD: binary + 4 x primary group"),
     "ekd": ("ekd", "EKD: soft ranks at FPR 1e-1..1e-6"),
     "adadistill": ("adadistill", "AdaDistill: adaptive EMA centres of teacher embeddings"),
     "proxyless_kd": ("proxyless_kd", "ArcFace on the teacher's class centres"),

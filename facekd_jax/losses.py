@@ -373,7 +373,8 @@ def similarity_preserving(student_features: jax.Array, teacher_features: jax.Arr
 def grouped_kd(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *,
                temperature: float = 4.0, tau: float = 0.93, group_step: int = 100) -> tuple[jax.Array, jax.Array]:
     """Grouped KD (Zhao et al., AAAI 2023): (binary KD, primary KD), each KL(teacher || student) summed, times
-    T^2 / B. The caller weighs them (the paper: 1 and 8; secondary KD has weight 0 and is not computed).
+    T^2 / B. The caller weighs them (the authors' gkd_adaptive.py, whose grouping this is: 1 and 4; secondary KD
+    has weight 0 and is not computed).
 
     Grouping, as the authors' gkd_adaptive.py: P = the batch sum of the student's softmax (T = 1) per class,
     sorted; k = the smallest of 1, 1 + group_step, 1 + 2 group_step, ... whose top-k mass of P reaches tau * B
@@ -511,7 +512,12 @@ def adadistill_update(state: Mapping[str, jax.Array], student_embeddings, teache
 def adadistill_loss(state: Mapping[str, jax.Array], student_embeddings, labels, *, scale: float,
                     margin_list: tuple[float, float, float]) -> jax.Array:
     """CE of the margin logits (the run's margin: ArcFace's m2 or CosFace's m3) of the unit student embeddings
-    against the unit AdaDistill centres: the student's only classifier in the paper (kd.ce_weight 0)."""
+    against the unit AdaDistill centres: the student's only classifier in the paper (kd.ce_weight 0).
+
+    The margin is `margin_logits`', the one every method here trains with: arcface_torch's cos(theta + m) with its
+    linear fallback cos - m sin(pi - m) where theta + m would pass pi. The authors' AdaptiveAArcFace applies plain
+    cos(theta + m) everywhere; the two differ only for target angles above 180 - m degrees (151 for m = 0.5), where
+    plain cos(theta + m) turns back up and rewards a larger angle."""
     m1, m2, m3 = margin_list
     cos = jnp.matmul(l2_normalize(student_embeddings), l2_normalize(state["centres"], axis=0),
                      precision=_GRAM_PRECISION)
@@ -631,7 +637,7 @@ KD_METHODS: tuple[KDMethod, ...] = (
     KDMethod("sp", "sp_weight", ("teacher_embeddings",),
              loss=_pair_term(similarity_preserving, student="student_embeddings")),
     KDMethod("grouped", "grouped_weight", ("teacher_cosine",),
-             {"grouped_temperature": 4.0, "grouped_tau": 0.93, "grouped_step": 100, "grouped_primary_weight": 8.0},
+             {"grouped_temperature": 4.0, "grouped_tau": 0.93, "grouped_step": 100, "grouped_primary_weight": 4.0},
              loss=_grouped_term),
     KDMethod("ekd", "ekd_weight", ("teacher_embeddings",), {"ekd_tau": 0.01, "ekd_hard_negatives": 2000},
              loss=_ekd_term, init=ekd_init, update=_ekd_update),
