@@ -37,9 +37,9 @@ def fp32_bytes():
 
 
 def _export(run, lfw_dir, fmt, precision, out, **kwargs):
+    kwargs = dict(dict(calibration_images=24, parity_images=export.MIN_PARITY_IMAGES), **kwargs)
     return export.export(str(run), fmt=fmt, precision=precision, out=str(out), calibration=f"lfw:{lfw_dir}",
-                         parity=f"lfw:{lfw_dir}", calibration_images=24, parity_images=24, log=lambda _: None,
-                         **kwargs)
+                         parity=f"lfw:{lfw_dir}", log=lambda _: None, **kwargs)
 
 
 @pytest.mark.parametrize("fmt,precision", [("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8"),
@@ -51,7 +51,9 @@ def test_each_format_and_precision_passes_its_gate_and_runs(run, lfw_dir, tmp_pa
     contract = json.loads((tmp_path / f"student.{fmt}.json").read_text())
     assert contract["input"]["shape"] == [1, 32, 32, 3] and contract["input"]["colour"] == "RGB"
     assert contract["output"]["shape"] == [1, 32] and contract["model"] == "mobilefacenet"
-    assert contract["parity"]["mean_cosine"] >= export.PARITY_GATES[precision] == contract["parity"]["gate"]
+    gate = export.PARITY_GATES[precision]
+    assert contract["parity"]["gate"] == gate and contract["parity"]["images"] >= export.MIN_PARITY_IMAGES
+    assert contract["parity"]["mean_cosine"] >= gate["mean"] and contract["parity"]["min_cosine"] >= gate["min"]
     assert (contract["calibration"] is not None) == (precision == "int8")
     # The file on its own, in its runtime, against JAX on images the gate did not use.
     student = export.load_student(str(run))
@@ -71,8 +73,12 @@ def test_each_format_and_precision_passes_its_gate_and_runs(run, lfw_dir, tmp_pa
 
 def test_a_broken_export_fails_the_gate_and_writes_nothing(run, lfw_dir, tmp_path):
     out = tmp_path / "broken.tflite"
-    with pytest.raises(export.ExportError, match=r"parity gate: mean cosine to JAX .* nothing was written"):
+    with pytest.raises(export.ExportError, match=r"parity gate: cosine to JAX mean .* min .* nothing was written"):
         _export(run, lfw_dir, "tflite", "fp32", out, scale=1.0)  # the wrong input normalisation (not scaled)
+    assert list(tmp_path.iterdir()) == []
+    # Too few parity images say little about the least cosine: refused, nothing exported.
+    with pytest.raises(export.ExportError, match=r"50 held-back images .* at least 100"):
+        _export(run, lfw_dir, "tflite", "fp32", out, parity_images=50)
     assert list(tmp_path.iterdir()) == []
 
 
