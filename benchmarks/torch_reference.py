@@ -235,7 +235,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_step import parse_args  # one command line for both scripts
+    from step_args import parse_args  # one command line for both scripts
 
     args = parse_args(argv)
     results = run(args)[("compile" if args.torch_compile else "eager")]

@@ -35,9 +35,11 @@ import statistics
 import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # configs/ is a top-level folder of the repository, not an installed package
-    sys.path.insert(0, _ROOT)
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the command line shared with torch_reference.py
+from step_args import parse_args  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s per device from the vendors' datasheets, keyed by a substring of jax's
 # device_kind (first match wins, so specific keys come first): (bfloat16 peak, float32 peak). float32 convolutions
@@ -67,40 +69,11 @@ def peak_tflops(device_kind: str, dtype: str):
     return None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet56", help="student model (facekd_jax.models.MODEL_NAMES)")
-    p.add_argument("--batch", type=int, default=32, help="global batch size")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
-    p.add_argument("--teacher", default="", help="teacher model: time the feature-KD step and the plain step")
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--classes", type=int, default=10572, help="margin-head classes (CASIA-WebFace: 10572)")
-    p.add_argument("--embedding-size", type=int, default=512)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="device peak TFLOP/s for the MFU (default: the datasheet table for known GPUs/TPUs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cached-teacher", action="store_true",
-                   help="with --teacher: the teacher's embeddings come with the batch (a teacher cache)")
-    p.add_argument("--cpu-kernels", default="auto", choices=("auto", "onednn", "xla"),
-                   help="config.cpu_kernels: the layers on a CPU")
-    p.add_argument("--torch", action="store_true", help="also time the PyTorch reference step (needs torch)")
-    p.add_argument("--torch-compile", action="store_true", help="PyTorch: torch.compile the step")
-    p.add_argument("--channels-last", action="store_true", help="PyTorch: channels_last memory format")
-    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: os.cpu_count())")
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        p.error("--batch and --steps must be >= 1, --warmup >= 0")
-    return args
-
-
 def make_config(args, with_teacher: bool):
     """configs/default.py (or feature_kd.py with a teacher) with the command line's sizes."""
-    from configs import default, feature_kd
+    from facekd_jax import config_lib
 
-    config = feature_kd.get_config() if with_teacher else default.get_config()
+    config = config_lib.load_config(str(REPO / "configs" / ("feature_kd.py" if with_teacher else "default.py")))
     config.model = args.model
     config.batch_size = args.batch
     config.data.image_size = args.image_size
@@ -145,7 +118,7 @@ def build_step(args, with_teacher: bool):
     state = run.init_state()
     teacher_variables = {}
     if run.teacher is not None:  # random weights: the teacher's values do not change its cost
-        init = jax.jit(lambda key: train_lib.init_variables(run.teacher, args.classes, args.image_size, key,
+        init = jax.jit(lambda key: step_lib.init_variables(run.teacher, args.classes, args.image_size, key,
                                                            config.teacher.embedding_size),
                        out_shardings=NamedSharding(mesh, P()))
         teacher_variables = init(jax.random.PRNGKey(args.seed + 1))
@@ -155,7 +128,7 @@ def build_step(args, with_teacher: bool):
             "label": rng.integers(0, args.classes, (args.batch,), dtype=np.int32)}
     if with_teacher and args.cached_teacher:
         host["teacher_embedding"] = rng.standard_normal((args.batch, config.teacher.embedding_size), np.float32)
-    batch = train_lib.put_batch(host, mesh)
+    batch = sharding.put_batch(host, mesh)
 
     t0 = time.perf_counter()
     compiled = run.train_step.lower(state, batch, teacher_variables).compile()
@@ -237,11 +210,7 @@ def main(argv=None) -> None:
 
     torch_results = {}
     if args.torch:  # first: PyTorch's thread pool is idle (not spinning) by the time JAX runs
-        try:
-            import torch_reference
-        except ImportError:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            import torch_reference
+        import torch_reference
         torch_results = torch_reference.run(args)
 
     plain = bench_jax(args, with_teacher=False)
