@@ -8,6 +8,8 @@ gs:// workdir is mirrored in a local folder and pushed after every checkpoint (f
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -125,11 +127,53 @@ def single_host_for_url(workdir: str) -> None:
             "must be one folder all hosts see: mount the bucket (gcsfuse) and give the mounted path")
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        val_targets: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]],
-                        sync: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
-    """The run in the local folder `workdir`; `sync` (a URL workdir's push) is called once each checkpoint or
-    evaluation result is complete on disk."""
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop works with, built once by `_prepare`: the set-up, the state, the data, the teacher's
+    variables, the verification sets and where results go."""
+    config: ml_collections.ConfigDict
+    workdir: str
+    setup: step_lib.Setup
+    state: step_lib.TrainState
+    start_step: int
+    batches: Any
+    teacher_variables: Dict[str, Any]
+    val_targets: Dict[str, Tuple[np.ndarray, np.ndarray]]
+    ckpt: ckpt_lib.Checkpointer
+    writer: Any
+    sync: Optional[Callable[[], None]]
+    last_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
+    eval_results: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def meta(self, step: int) -> Dict[str, Any]:
+        return {"step": step, "data_position": step * self.config.batch_size, "config": self.config.to_dict(),
+                "metrics": self.last_metrics, "num_classes": self.setup.num_classes, "time": time.time()}
+
+    def synced(self) -> None:
+        """A URL workdir's push, once each checkpoint and evaluation result is complete on disk."""
+        if self.sync is not None:
+            self.ckpt.wait()
+            self.writer.flush()
+            self.sync()
+
+    def evaluate(self, step: int) -> None:
+        variables = {"params": self.state.params["backbone"], "batch_stats": self.state.batch_stats}
+        self.eval_results = eval_lib.evaluate_targets(self.eval_apply, variables, self.val_targets, step=step,
+                                                      batch_size=self.config.eval_batch_size, mesh=self.setup.mesh,
+                                                      log=log.info)
+        self.writer.write_scalars(step, _best_metrics(self.eval_results))
+        self.ckpt.save_best(step, self.state.as_dict(), self.meta(step), _best_metrics(self.eval_results))
+
+    @functools.cached_property
+    def eval_apply(self):
+        # One apply function for the run: evaluate's jitted embed is cached on it, so evaluations compile once.
+        return step_lib.eval_apply(self.setup.student)
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str,
+             val_targets: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]],
+             sync: Optional[Callable[[], None]]) -> _Run:
+    """The run in the local folder `workdir`, set up and resumed where it stopped."""
     from clu import metric_writers  # imported here: tensorboard is slow to import
 
     mesh = sharding.make_mesh(config.mesh.model_parallelism)
@@ -137,7 +181,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.batch_size % mesh.shape["data"] or config.batch_size % process_count:
         raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the data-parallel "
                          f"device count {mesh.shape['data']} and the process count {process_count}")
-
     train_spec, _ = data_specs(config)
     try:
         specs.check_exists(train_spec, "config.data.train")
@@ -148,122 +191,105 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             "a smoke test with --config=configs/NAME.py:smoke (synthetic data).") from None
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                  best_metric=config.best_metric or None, async_save=config.async_checkpoints)
-
     # The head needs the number of classes before the state (and so the resume step) exists.
     source = data_lib.open_source(train_spec, image_size=config.data.image_size)
-    info = {"num_classes": source.num_classes, "num_images": int(source.num_images), "synthetic": source.synthetic}
-    num_classes = int(info["num_classes"])
     num_train_steps = int(config.num_train_steps)
     if num_train_steps <= 0:
-        num_train_steps = int(math.ceil(config.num_epochs * info["num_images"] / config.batch_size))
-
-    run = step_lib.setup(config, num_classes=num_classes, mesh=mesh, num_train_steps=num_train_steps)
-    student, train_step = run.student, run.train_step
-    teacher_embeddings = teacher_cache = None
+        num_train_steps = int(math.ceil(config.num_epochs * source.num_images / config.batch_size))
+    run = step_lib.setup(config, num_classes=int(source.num_classes), mesh=mesh, num_train_steps=num_train_steps)
+    teacher_cache = None
     if config.teacher.cache and step_lib.needs_teacher(config.kd):
         from facekd_jax.teachers import cache as cache_lib
         teacher_cache = cache_lib.open_cache(config_lib.teacher_cache_dir(config))
         teacher_cache.check_matches(train_spec, source, teacher_workdir=config.teacher.workdir,
                                     teacher_model=config.teacher.model,
                                     embedding_size=config.teacher.embedding_size)
-        teacher_embeddings = teacher_cache.embeddings
-
-    restored, meta = ckpt.restore_latest(run.abstract.as_dict())
+    restored, _ = ckpt.restore_latest(run.abstract.as_dict())
     if restored is not None:
         state = step_lib.TrainState(**restored)
         log.info("resumed from step %d of %s", int(state.step), workdir)
     else:
         state = run.init_state()
-    start_step = int(state.step)
-
     teacher_variables = teacher_load.load_teacher(run, teacher_cache)
     if val_targets is None:
         val_targets = load_val_targets(config) if config.data.val_targets else {}
-    # One apply function for the run: evaluate's jitted embed is cached on it, so periodic evaluations compile once.
-    eval_apply = step_lib.eval_apply(student)
-
     if process_index == 0:
         rundir.write_config(workdir, config)
     writer = metric_writers.create_default_writer(workdir, just_logging=process_index > 0)
+    batches, _ = data_lib.make_train_dataset(
+        train_spec, batch_size=config.batch_size // process_count, image_size=config.data.image_size,
+        seed=config.seed, start_step=int(state.step), process_index=process_index, process_count=process_count,
+        teacher_embeddings=teacher_cache.embeddings if teacher_cache is not None else None)
+    return _Run(config=config, workdir=workdir, setup=run, state=state, start_step=int(state.step),
+                batches=iter(batches), teacher_variables=teacher_variables, val_targets=val_targets, ckpt=ckpt,
+                writer=writer, sync=sync)
 
-    batches, _ = data_lib.make_train_dataset(train_spec, batch_size=config.batch_size // process_count,
-                                             image_size=config.data.image_size, seed=config.seed,
-                                             start_step=start_step, process_index=process_index,
-                                             process_count=process_count, teacher_embeddings=teacher_embeddings)
-    batches = iter(batches)
 
-    def meta_for(step, last_metrics):
-        return {"step": step, "data_position": step * config.batch_size, "config": config.to_dict(),
-                "metrics": last_metrics, "num_classes": num_classes, "time": time.time()}
-
-    def synced() -> None:
-        if sync is not None:
-            ckpt.wait()
-            writer.flush()
-            sync()
-
-    def run_eval(step) -> Dict[str, Any]:
-        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
-        results = eval_lib.evaluate_targets(eval_apply, variables, val_targets, step=step,
-                                            batch_size=config.eval_batch_size, mesh=mesh, log=log.info)
-        writer.write_scalars(step, _best_metrics(results))
-        return results
-
-    last_metrics: Dict[str, float] = {}
-    eval_results: Dict[str, Any] = {}
-    pending = None  # metrics of the previous step, checked after the next one is dispatched (no pipeline stall)
-    t0, images_since, t_log = time.time(), 0, time.time()
-    step = start_step
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        val_targets: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]],
+                        sync: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
+    """The run in the local folder `workdir`; `sync` (a URL workdir's push) is called once each checkpoint or
+    evaluation result is complete on disk."""
+    r = _prepare(config, workdir, val_targets, sync)
+    t0 = time.time()
     with _Preemption() as preemption:
         try:
-            while step < num_train_steps:
-                batch = sharding.put_batch(next(batches), mesh)
-                state, metrics = train_step(state, batch, teacher_variables)
-                step += 1
-                images_since += config.batch_size
-                if pending is not None:
-                    _check_finite(*pending, config)
-                pending = (step, metrics)
-                if step % config.log_every_steps == 0 or step == num_train_steps:
-                    _check_finite(step, metrics, config)
-                    ckpt.check_for_errors()  # a failed background save stops the run here, with its cause
-                    last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    dt = time.time() - t_log
-                    ips = images_since / max(dt, 1e-9)
-                    eta = (num_train_steps - step) * config.batch_size / max(ips, 1e-9)
-                    log.info("step %d/%d %s lr %.5f grad_norm %.3f | %.1f img/s | ETA %s", step, num_train_steps,
-                             _format_metrics(last_metrics), last_metrics["lr"], last_metrics["grad_norm"], ips,
-                             time.strftime("%H:%M:%S", time.gmtime(eta)))
-                    writer.write_scalars(step, dict(last_metrics, images_per_second=ips))
-                    images_since, t_log = 0, time.time()
-                if val_targets and config.eval_every_steps > 0 and step % config.eval_every_steps == 0:
-                    eval_results = run_eval(step)
-                    ckpt.save_best(step, state.as_dict(), meta_for(step, last_metrics), _best_metrics(eval_results))
-                if step % config.checkpoint_every_steps == 0 or step == num_train_steps:
-                    _check_finite(step, metrics, config)
-                    ckpt.save(step, state.as_dict(), meta_for(step, last_metrics))
-                    synced()
-                if preemption.requested:
-                    _check_finite(step, metrics, config)
-                    ckpt.save(step, state.as_dict(), meta_for(step, last_metrics), force=True)
-                    ckpt.wait()
-                    synced()
-                    log.warning("preempted: checkpoint of step %d saved in %s", step, ckpt.directory)
-                    return {"step": step, "preempted": True, "metrics": last_metrics}
-            if pending is not None:
-                _check_finite(*pending, config)
-            if val_targets and (not eval_results or config.eval_every_steps <= 0
-                                or step % config.eval_every_steps != 0):
-                eval_results = run_eval(step)
-                ckpt.save_best(step, state.as_dict(), meta_for(step, last_metrics), _best_metrics(eval_results))
-            if val_targets and process_index == 0:
-                eval_lib.write_results(os.path.join(workdir, "eval"), eval_results, step=step)
-            synced()
+            step, preempted = _loop(r, preemption)
+            if preempted:
+                return {"step": step, "preempted": True, "metrics": r.last_metrics}
+            if r.val_targets and (not r.eval_results or config.eval_every_steps <= 0
+                                  or step % config.eval_every_steps != 0):
+                r.evaluate(step)
+            if r.val_targets and jax.process_index() == 0:
+                eval_lib.write_results(os.path.join(workdir, "eval"), r.eval_results, step=step)
+            r.synced()
         finally:
-            ckpt.close()
-            writer.flush()
-    return {"step": step, "metrics": last_metrics, "eval": eval_results, "num_classes": num_classes,
-            "train_seconds": time.time() - t0, "nonfinite_steps": int(state.nonfinite_steps)}
+            r.ckpt.close()
+            r.writer.flush()
+    return {"step": step, "metrics": r.last_metrics, "eval": r.eval_results, "num_classes": r.setup.num_classes,
+            "train_seconds": time.time() - t0, "nonfinite_steps": int(r.state.nonfinite_steps)}
+
+
+def _loop(r: _Run, preemption: "_Preemption") -> Tuple[int, bool]:
+    """Trains from r.start_step to the last step, or to a preemption after saving a checkpoint of the step reached;
+    returns (step, preempted). A NaN loss stops it (_check_finite) before any checkpoint holds the bad state."""
+    config, mesh, total = r.config, r.setup.mesh, r.setup.num_train_steps
+    pending = None  # metrics of the previous step, checked after the next one is dispatched (no pipeline stall)
+    images_since, t_log = 0, time.time()
+    step = r.start_step
+    while step < total:
+        batch = sharding.put_batch(next(r.batches), mesh)
+        r.state, metrics = r.setup.train_step(r.state, batch, r.teacher_variables)
+        step += 1
+        images_since += config.batch_size
+        if pending is not None:
+            _check_finite(*pending, config)
+        pending = (step, metrics)
+        if step % config.log_every_steps == 0 or step == total:
+            _check_finite(step, metrics, config)
+            r.ckpt.check_for_errors()  # a failed background save stops the run here, with its cause
+            r.last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            ips = images_since / max(time.time() - t_log, 1e-9)
+            eta = (total - step) * config.batch_size / max(ips, 1e-9)
+            log.info("step %d/%d %s lr %.5f grad_norm %.3f | %.1f img/s | ETA %s", step, total,
+                     _format_metrics(r.last_metrics), r.last_metrics["lr"], r.last_metrics["grad_norm"], ips,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+            r.writer.write_scalars(step, dict(r.last_metrics, images_per_second=ips))
+            images_since, t_log = 0, time.time()
+        if r.val_targets and config.eval_every_steps > 0 and step % config.eval_every_steps == 0:
+            r.evaluate(step)
+        if step % config.checkpoint_every_steps == 0 or step == total or preemption.requested:
+            _check_finite(step, metrics, config)
+            r.ckpt.save(step, r.state.as_dict(), r.meta(step), force=preemption.requested)
+            if preemption.requested:
+                r.ckpt.wait()
+            r.synced()
+        if preemption.requested:
+            log.warning("preempted: checkpoint of step %d saved in %s", step, r.ckpt.directory)
+            return step, True
+    if pending is not None:
+        _check_finite(*pending, config)
+    return step, False
 
 
 def _best_metrics(results: Mapping[str, Any]) -> Dict[str, float]:

@@ -14,7 +14,8 @@ flax's layer classes (facekd_jax.cpu hands in oneDNN ones); nothing here is plat
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,18 +26,47 @@ from facekd_jax.models.mobilefacenet import MobileFaceNet
 from facekd_jax.models.resnet import RESNET_CONFIGS, ResNet
 from facekd_jax.models.summary import count_params, model_summary
 
-MODEL_NAMES = ("resnet18", "resnet56", "iresnet18", "iresnet34", "iresnet50", "iresnet100",
-               "iresnet200", "resnet10", "resnet34", "resnet8", "resnet20", "mobilefacenet", "dlib_resnet29")
 
-# Imported networks whose input side and embedding width are fixed by their weights (name -> (S, E)).
-FIXED_SHAPES = {"dlib_resnet29": (150, 128)}
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """One entry of the model table: the module that builds it, its fixed fields, the embedding head it is known
+    with ("gap", "flatten"; a model with a head of its own names it and takes no other), and, for a network that
+    exists only as imported weights, the input side and embedding width those weights fix."""
+    module: Callable[[], type]                   # -> the flax module class (imported on use)
+    fields: Tuple[Tuple[str, Any], ...] = ()
+    head: str = "gap"
+    own_head: bool = False
+    fixed_shape: Optional[Tuple[int, int]] = None
+
+
+def _dlib():
+    from facekd_jax.models.dlib_resnet import DlibResNet29
+    return DlibResNet29
+
+
+def _resnet(name: str) -> Model:
+    return Model(lambda: ResNet, tuple(RESNET_CONFIGS[name].items()))
+
+
+def _iresnet(name: str) -> Model:
+    return Model(lambda: IResNet, (("stage_sizes", IRESNET_STAGES[name]),), head="flatten")
+
+
+# The one table of models: adding a model is an entry here (and its module).
+MODELS: Dict[str, Model] = {
+    "resnet18": _resnet("resnet18"), "resnet56": _resnet("resnet56"),
+    **{name: _iresnet(name) for name in IRESNET_STAGES},
+    "resnet10": _resnet("resnet10"), "resnet34": _resnet("resnet34"), "resnet8": _resnet("resnet8"),
+    "resnet20": _resnet("resnet20"),
+    "mobilefacenet": Model(lambda: MobileFaceNet, head="gdc", own_head=True),
+    "dlib_resnet29": Model(_dlib, head="", fixed_shape=(150, 128)),
+}
+MODEL_NAMES = tuple(MODELS)
+# Derived views of the table, for callers that ask one question.
+FIXED_SHAPES = {name: m.fixed_shape for name, m in MODELS.items() if m.fixed_shape}   # imported: name -> (S, E)
 FIXED_IMAGE_SIZES = {name: size for name, (size, _) in FIXED_SHAPES.items()}
-
-# Models whose embedding head is part of their design: MobileFaceNet's global depthwise convolution.
-OWN_HEADS = {"mobilefacenet": "gdc"}
-# The head each family is known with: insightface flattens its 7x7 map; the thesis's pair pools globally.
-DEFAULT_HEADS = {name: OWN_HEADS.get(name, "flatten" if name.startswith("iresnet") else "gap")
-                 for name in MODEL_NAMES if name not in FIXED_SHAPES}
+OWN_HEADS = {name: m.head for name, m in MODELS.items() if m.own_head}
+DEFAULT_HEADS = {name: m.head for name, m in MODELS.items() if not m.fixed_shape}
 
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -80,45 +110,39 @@ def build_model(
     Raises:
       ValueError: unknown name (the message lists MODEL_NAMES), unknown head, non-floating dtype.
     """
-    if name not in MODEL_NAMES:
+    if name not in MODELS:
         raise ValueError(f"build_model: unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
-    if name in FIXED_SHAPES:
-        return _build_fixed(name, embedding_size=embedding_size, image_size=image_size, dtype=dtype, **kwargs)
-    head = DEFAULT_HEADS[name] if head is None else head
-    if name in OWN_HEADS and head != OWN_HEADS[name]:
-        raise ValueError(f"build_model({name!r}): its head is its own ({OWN_HEADS[name]!r}), not {head!r}")
-    if head not in HEAD_KINDS and name not in OWN_HEADS:
+    entry = MODELS[name]
+    if entry.fixed_shape:
+        return _build_fixed(name, entry, embedding_size=embedding_size, image_size=image_size, dtype=dtype, **kwargs)
+    head = entry.head if head is None else head
+    if entry.own_head and head != entry.head:
+        raise ValueError(f"build_model({name!r}): its head is its own ({entry.head!r}), not {head!r}")
+    if head not in HEAD_KINDS and not entry.own_head:
         raise ValueError(f"build_model({name!r}): unknown head {head!r}; known heads: {', '.join(HEAD_KINDS)}")
     if int(image_size) < 1 or int(embedding_size) < 1:
         raise ValueError(f"build_model({name!r}): image_size and embedding_size must be positive")
-    common = dict(
-        embedding_size=int(embedding_size),
-        dropout=float(dropout),
-        dtype=_compute_dtype(dtype),
-        image_size=int(image_size),
-        head=head,
-    )
-    if name in IRESNET_STAGES:
-        return IResNet(**{"stage_sizes": IRESNET_STAGES[name], **common, **kwargs})
-    if name == "mobilefacenet":
-        common.pop("head")
-        return MobileFaceNet(**common, **kwargs)
-    return ResNet(**{**RESNET_CONFIGS[name], **common, **kwargs})
+    common = dict(embedding_size=int(embedding_size), dropout=float(dropout), dtype=_compute_dtype(dtype),
+                  image_size=int(image_size))
+    if not entry.own_head:
+        common["head"] = head
+    return entry.module()(**{**dict(entry.fields), **common, **kwargs})
 
 
-def _build_fixed(name: str, *, embedding_size: int, image_size: int, dtype: Any, **kwargs) -> nn.Module:
+def _build_fixed(name: str, entry: Model, *, embedding_size: int, image_size: int, dtype: Any, **kwargs
+                 ) -> nn.Module:
     """An imported network (eval only, no head choice): its sizes must be the ones its weights fix."""
-    size, width = FIXED_SHAPES[name]
+    size, width = entry.fixed_shape
     if int(image_size) != size or int(embedding_size) != width:
         raise ValueError(f"build_model({name!r}): the imported weights fix image_size={size} and "
                          f"embedding_size={width}; got image_size={image_size}, embedding_size={embedding_size}")
     kwargs.pop("conv", None)  # its layers are its own (no batch norm: folded into affine layers)
     kwargs.pop("norm", None)
-    from facekd_jax.models.dlib_resnet import DlibResNet29
-    return DlibResNet29(embedding_size=width, image_size=size, dtype=_compute_dtype(dtype), **kwargs)
+    return entry.module()(embedding_size=width, image_size=size, dtype=_compute_dtype(dtype), **kwargs)
 
 
 __all__ = [
+    "MODELS",
     "MODEL_NAMES",
     "FIXED_SHAPES",
     "FIXED_IMAGE_SIZES",
