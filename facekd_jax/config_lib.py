@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import ml_collections
 
-from facekd_jax.losses import KD_DEFAULTS
+from facekd_jax.kd import KD_DEFAULTS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -71,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict(dict(model="", embedding_size=512, head="", workdir="",
                                                checkpoint="latest", cache="", centre=False))
     # Loss = ce_weight * ArcFace CE + the weighted KD terms; the keys and their meaning come from the registry
-    # facekd_jax.losses.KD_METHODS (one entry per method).
+    # facekd_jax.kd.KD_METHODS (one entry per method).
     c.kd = ml_collections.ConfigDict(dict(KD_DEFAULTS))
 
     c.mesh = ml_collections.ConfigDict(dict(model_parallelism=1))
@@ -249,7 +249,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str,
 
 def kd_config(arg: str = "", *, teacher_model: str = "resnet18", **kd) -> ml_collections.ConfigDict:
     """A distillation config: the default with the frozen teacher from `teacher.workdir` and the KD settings
-    `kd` (keys of facekd_jax.losses.KD_DEFAULTS; an unknown one raises KeyError naming it), then `arg` (SIZES and
+    `kd` (keys of facekd_jax.kd.KD_DEFAULTS; an unknown one raises KeyError naming it), then `arg` (SIZES and
     key=value parts)."""
     c = default_config()
     c.teacher.model = teacher_model

@@ -4,7 +4,7 @@ and the benchmarks share.
 
 Data flow of one step (all inside one `jax.jit`, the state donated):
   images --student.apply(train)--> embeddings --margin head--> cosine --+
-  images --teacher.apply(eval, frozen)--> teacher embeddings/cosine ----+--> losses.compute_loss --> grads
+  images --teacher.apply(eval, frozen)--> teacher embeddings/cosine ----+--> kd_lib.compute_loss --> grads
   --> optax (facekd_jax.optimizer) --> new state, metrics
 The global batch is sharded over the mesh's `data` axis, so XLA inserts the gradient all-reduce; the margin
 head's class axis is sharded over `model` (facekd_jax.sharding), never gathered. With a teacher-embedding cache
@@ -24,6 +24,7 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from facekd_jax import kd as kd_lib
 from facekd_jax import losses
 from facekd_jax import models
 from facekd_jax import optimizer as optimizer_lib
@@ -49,7 +50,7 @@ class TrainState:
     opt_state: PyTree
     rng: jax.Array
     nonfinite_steps: jax.Array
-    kd_state: Optional[PyTree] = None   # {method: state} of stateful KD methods (losses.init_kd_state), else None
+    kd_state: Optional[PyTree] = None   # {method: state} of stateful KD methods (kd_lib.init_kd_state), else None
 
     def as_dict(self) -> Dict[str, Any]:
         """The checkpointed dict (without kd_state when there is none: checkpoints of other runs stay readable)."""
@@ -97,16 +98,16 @@ def build_teacher(config, layers: Optional[Mapping[str, Any]] = None) -> Optiona
 
 
 def needs_teacher(kd) -> bool:
-    """Whether the configured KD methods need a teacher at all (losses.KD_METHODS says what each needs)."""
-    return bool(losses.kd_needs(kd))
+    """Whether the configured KD methods need a teacher at all (kd_lib.KD_METHODS says what each needs)."""
+    return bool(kd_lib.kd_needs(kd))
 
 
 def needs_teacher_head(kd) -> bool:
-    return bool(losses.kd_needs(kd) & {"teacher_cosine", "teacher_centres"})
+    return bool(kd_lib.kd_needs(kd) & {"teacher_cosine", "teacher_centres"})
 
 
 def needs_teacher_embeddings(kd) -> bool:
-    return bool(losses.kd_needs(kd) & {"teacher_embeddings", "teacher_cosine"})
+    return bool(kd_lib.kd_needs(kd) & {"teacher_embeddings", "teacher_cosine"})
 
 
 # ----------------------------------------------------------------------------------------------- init
@@ -142,13 +143,13 @@ def projection_size(config) -> int:
     Raises ValueError where sizes differ, the KD methods compare in the teacher's space, and kd.projection is off.
     """
     e_s, e_t = int(config.embedding_size), int(config.teacher.embedding_size)
-    in_teacher_space = losses.kd_needs(config.kd) & {"teacher_embeddings", "teacher_centres"}
+    in_teacher_space = kd_lib.kd_needs(config.kd) & {"teacher_embeddings", "teacher_centres"}
     if not in_teacher_space or e_s == e_t:
         return 0
     if not config.kd.projection:
         raise ValueError(
             f"embedding_size={e_s} differs from teacher.embedding_size={e_t}, and the KD terms "
-            f"({', '.join(m.name for m in losses.active_methods(config.kd))}) compare in the teacher's space: set "
+            f"({', '.join(m.name for m in kd_lib.active_methods(config.kd))}) compare in the teacher's space: set "
             f"--config.embedding_size={e_t}, or --config.kd.projection=True for a training-only linear map")
     return e_t
 
@@ -162,7 +163,7 @@ def _state_init_fn(config, model: nn.Module, tx, num_classes: int, mesh) -> Call
         return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                           batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
                           rng=k_state, nonfinite_steps=jnp.zeros((), jnp.int32),
-                          kd_state=losses.init_kd_state(config.kd, num_classes, int(config.teacher.embedding_size)))
+                          kd_state=kd_lib.init_kd_state(config.kd, num_classes, int(config.teacher.embedding_size)))
     return init
 
 
@@ -199,7 +200,7 @@ def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx
     differentiated, so the teacher cannot change.
     """
     kd = config.kd
-    needs = losses.kd_needs(kd)
+    needs = kd_lib.kd_needs(kd)
     projection = projection_size(config)
     head = losses.MarginHead(num_classes=num_classes,
                              padded_classes=sharding.head_classes(num_classes, mesh.shape["model"]))
@@ -229,9 +230,9 @@ def make_train_step(config, student: nn.Module, teacher: Optional[nn.Module], tx
             s_cos = head.apply({"params": t_vars["params"]["head"]}, kd_emb)
         else:
             s_cos = head.apply({"params": params["head"]}, emb)
-        kd_state = losses.update_kd_state(kd, state.kd_state, labels=labels, student_kd_embeddings=kd_emb,
+        kd_state = kd_lib.update_kd_state(kd, state.kd_state, labels=labels, student_kd_embeddings=kd_emb,
                                           teacher_embeddings=t_emb)
-        total, terms = losses.compute_loss(
+        total, terms = kd_lib.compute_loss(
             kd, labels=labels, student_embeddings=emb, student_cosine=s_cos, teacher_embeddings=t_emb,
             teacher_cosine=t_cos, scale=config.scale, margin_list=margin, student_kd_embeddings=kd_emb,
             kd_state=kd_state)

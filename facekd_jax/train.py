@@ -25,7 +25,8 @@ from facekd_jax import checkpoint as ckpt_lib
 from facekd_jax import config_lib
 from facekd_jax import data as data_lib
 from facekd_jax import evaluate as eval_lib
-from facekd_jax import losses, paths, rundir, sharding
+from facekd_jax import kd as kd_lib
+from facekd_jax import paths, rundir, sharding
 from facekd_jax import step as step_lib
 from facekd_jax.data import specs
 from facekd_jax.data import verification
@@ -91,7 +92,7 @@ def load_val_targets(config: ml_collections.ConfigDict) -> Dict[str, Tuple[np.nd
 
 
 def _format_metrics(metrics: Mapping[str, float]) -> str:
-    order = ["total", "ce", *(m.name for m in losses.KD_METHODS if m.loss is not None)]
+    order = ["total", "ce", *(m.name for m in kd_lib.KD_METHODS if m.loss is not None)]
     parts = [f"{k} {metrics[k]:.4f}" for k in order if k in metrics]
     return " ".join(parts)
 

@@ -4,7 +4,8 @@ import pathlib
 
 import pytest
 
-from facekd_jax import config_lib, losses, models
+from facekd_jax import config_lib, models
+from facekd_jax import kd as kd_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
@@ -21,10 +22,10 @@ def test_every_config_and_variant_resolves_and_the_kd_registry_accepts_it(path):
     for run, size in _variants(path):
         arg = ",".join(p for p in (run, size) if p)
         c = config_lib.load_config(f"{path}:{arg}" if arg else str(path))
-        settings = losses.kd_settings(c.kd)  # unknown keys or choices raise
+        settings = kd_lib.kd_settings(c.kd)  # unknown keys or choices raise
         assert c.model in models.MODEL_NAMES, (path.stem, arg)
         # A KD experiment turns on at least one registered term and names a teacher; the others need no teacher.
-        assert bool(losses.active_methods(settings)) == bool(c.teacher.model), (path.stem, arg)
+        assert bool(kd_lib.active_methods(settings)) == bool(c.teacher.model), (path.stem, arg)
         assert c.num_train_steps > 0 or c.num_epochs > 0
 
 

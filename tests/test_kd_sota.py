@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facekd_jax import kd as kd_lib
 from facekd_jax import losses as L
 
 
@@ -285,7 +286,7 @@ def test_compute_loss_wires_sp():
     y = np.array([0, 3, 1, 2, 3])
     es, et = r.normal(size=(5, 6)).astype(np.float32), r.normal(size=(5, 10)).astype(np.float32)
     cos = np.tanh(r.normal(size=(5, 4))).astype(np.float32)
-    total, terms = L.compute_loss({"sp_weight": 2.0}, labels=jnp.asarray(y), student_embeddings=jnp.asarray(es),
+    total, terms = kd_lib.compute_loss({"sp_weight": 2.0}, labels=jnp.asarray(y), student_embeddings=jnp.asarray(es),
                                   student_cosine=jnp.asarray(cos), teacher_embeddings=jnp.asarray(et), scale=16.0,
                                   margin_list=(1.0, 0.5, 0.0))
     ce = np_arc_ce(cos, y, 16.0, 0.5)

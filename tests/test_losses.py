@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from facekd_jax import kd as kd_lib
 from facekd_jax import losses as L
 
 HYP = settings(max_examples=25, deadline=None, derandomize=True)
@@ -493,7 +494,7 @@ def _batch(b=8, c=10, e_s=16, e_t=24, seed=31):
 
 def test_compute_loss_ce_only_by_default():
     batch = _batch()
-    total, terms = L.compute_loss({}, labels=batch["labels"], student_embeddings=batch["student_embeddings"],
+    total, terms = kd_lib.compute_loss({}, labels=batch["labels"], student_embeddings=batch["student_embeddings"],
                                   student_cosine=batch["student_cosine"])
     assert set(terms) == {"ce", "total"}
     ref = np_ce(np_arcface_logits(np.asarray(batch["student_cosine"]), np.asarray(batch["labels"])),
@@ -510,7 +511,7 @@ def test_compute_loss_only_weighted_terms_and_weighted_sum():
         feature_weight=100.0, feature_kind="cosine", rkd_distance_weight=0.0, rkd_angle_weight=2.0,
         cosine_matrix_weight=3.0))
     b["teacher_embeddings"] = b["teacher_embeddings"][:, :16]  # feature KD needs equal sizes
-    total, terms = jax.jit(lambda x: L.compute_loss(kd, scale=32.0, **x))(b)
+    total, terms = jax.jit(lambda x: kd_lib.compute_loss(kd, scale=32.0, **x))(b)
     assert set(terms) == {"ce", "hinton", "feature", "rkd_angle", "cosine_matrix", "total"}
     y = b["labels"]
     ref = dict(
@@ -534,7 +535,7 @@ def test_compute_loss_margin_hinton_and_adaptive_margin():
     y = b["labels"]
     kd = dict(hinton_weight=1.0, hinton_logits="margin", temperature=4.0, adaptive_margin=True,
               margin_min=0.2, margin_max=0.5, teacher_centres=True)
-    total, terms = L.compute_loss(kd, **batch)
+    total, terms = kd_lib.compute_loss(kd, **batch)
     d = np.maximum(b["teacher_cosine"][np.arange(len(y)), y].astype(np.float64), 0)
     m_i = 0.3 / d.max() * d + 0.2
     c = b["student_cosine"][np.arange(len(y)), y].astype(np.float64)
@@ -551,13 +552,13 @@ def test_compute_loss_margin_hinton_and_adaptive_margin():
 def test_compute_loss_unknown_key_and_missing_teacher():
     batch = _batch()
     with pytest.raises(KeyError, match="kd.hinton_wieght") as info:
-        L.compute_loss({"hinton_wieght": 1.0}, **batch)
+        kd_lib.compute_loss({"hinton_wieght": 1.0}, **batch)
     assert "hinton_weight" in str(info.value)  # lists the valid keys
     with pytest.raises(ValueError, match="kd.feature_weight"):
-        L.compute_loss({"feature_weight": 1.0}, labels=batch["labels"],
+        kd_lib.compute_loss({"feature_weight": 1.0}, labels=batch["labels"],
                        student_embeddings=batch["student_embeddings"], student_cosine=batch["student_cosine"])
     with pytest.raises(ValueError, match="kd.hinton_logits"):
-        L.compute_loss({"hinton_weight": 1.0, "hinton_logits": "soft"}, **batch)
+        kd_lib.compute_loss({"hinton_weight": 1.0, "hinton_logits": "soft"}, **batch)
 
 
 def test_compute_loss_teacher_gradient_is_exactly_zero():
@@ -566,7 +567,7 @@ def test_compute_loss_teacher_gradient_is_exactly_zero():
               rkd_angle_weight=2.0, cosine_matrix_weight=1.0, adaptive_margin=True)
 
     def loss(s_emb, s_cos, t_emb, t_cos):
-        return L.compute_loss(kd, labels=batch["labels"], student_embeddings=s_emb, student_cosine=s_cos,
+        return kd_lib.compute_loss(kd, labels=batch["labels"], student_embeddings=s_emb, student_cosine=s_cos,
                               teacher_embeddings=t_emb, teacher_cosine=t_cos)[0]
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(
