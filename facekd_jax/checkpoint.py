@@ -25,14 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from facekd_jax.errors import CheckpointSaveError
+
 log = logging.getLogger(__name__)
 
 STATE, META = "state", "meta"
 FINGERPRINT = "fingerprint"  # meta key: {leaf path: fingerprint} of the saved state
-
-
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written (full disk, lost permissions, ...): the run stops."""
 
 
 class DamagedCheckpointError(ValueError):
@@ -155,6 +153,7 @@ class Checkpointer:
         self.directory = os.path.join(workdir, "checkpoints")
         self.latest = _manager(self.directory, max_to_keep=max_to_keep, async_save=async_save)
         self.best_metric = best_metric
+        self.saving: Optional[int] = None   # the step of the newest save started: an async failure is its
         self.best = None
         if best_metric:
             self.best = _manager(os.path.join(workdir, "best"), max_to_keep=1, best_mode=best_mode,
@@ -164,8 +163,9 @@ class Checkpointer:
         """Starts an async save of `state` at `step` (returns at once; `wait()` blocks until it is on disk)."""
         if step in self.latest.all_steps():
             return False
-        self.check_for_errors()
+        self.wait()  # Orbax waits for the previous save anyway: its failure is reported as that step's
         meta = dict(meta, **{FINGERPRINT: fingerprint(dict(state))})
+        self.saving = step
         try:
             return self.latest.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(_jsonable(meta))), force=force)
@@ -180,7 +180,7 @@ class Checkpointer:
             try:
                 manager.check_for_errors()
             except Exception as e:  # noqa: BLE001
-                raise CheckpointSaveError(_save_failure(directory, None, e)) from e
+                raise CheckpointSaveError(_save_failure(directory, self.saving, e)) from e
 
     def save_best(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any],
                   metrics: Mapping[str, float]) -> None:
@@ -239,7 +239,7 @@ class Checkpointer:
             try:
                 manager.wait_until_finished()
             except Exception as e:  # noqa: BLE001
-                raise CheckpointSaveError(_save_failure(directory, None, e)) from e
+                raise CheckpointSaveError(_save_failure(directory, self.saving, e)) from e
 
     def close(self) -> None:
         self.wait()

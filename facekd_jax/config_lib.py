@@ -279,28 +279,37 @@ def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def check_overrides(argv: Sequence[str]) -> None:
-    """Fails, in one line and before anything is written, on a missing config file, an unknown variant or
-    key=value in FILE.py:ARG, or an unknown `--config.a.b=...` key, naming it and the valid ones."""
+def check_overrides(argv: Sequence[str], required: Sequence[str] = ("--config",)) -> None:
+    """Exits with status 2 and one line, before anything is written, on a missing required flag, a missing config
+    file, an unknown variant or key=value in FILE.py:ARG, or an unknown `--config.a.b=...` key, naming it and the
+    valid ones."""
     import sys
 
+    def fail(text: str) -> None:
+        print(f"error: {text}", file=sys.stderr)
+        sys.exit(2)
+
+    given = {a.split("=", 1)[0] for a in argv}
+    for flag in required:
+        if flag not in given:
+            fail(f"{flag}=... is required (--help lists the flags)")
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     if not path:
         return
     file = path.partition(":")[0]
     if not os.path.isfile(file):
-        sys.exit(f"error: --config={path}: config file {file} does not exist")
+        fail(f"--config={path}: config file {file} does not exist")
     try:
         config = load_config(path)
     except (KeyError, ValueError) as e:
-        sys.exit(f"error: --config={path}: {e.args[0] if e.args else e}")
+        fail(f"--config={path}: {e.args[0] if e.args else e}")
     for key in overrides:
         node, walked = config, []
         for part in key.split("."):
             if not hasattr(node, "keys") or part not in node:
                 valid = sorted(node.keys()) if hasattr(node, "keys") else []
                 where = ".".join(walked) or "the config"
-                sys.exit(f"error: unknown config key --config.{key}: {where} has no field {part!r}; "
-                         f"valid keys: {', '.join(valid)}")
+                fail(f"unknown config key --config.{key}: {where} has no field {part!r}; valid keys: "
+                     f"{', '.join(valid)}")
             node, walked = node[part], walked + [part]

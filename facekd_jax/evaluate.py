@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from facekd_jax import errors
+
 # insightface verification.py grids; the same np.arange values, so float rounding matches.
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -412,7 +414,7 @@ def _atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str = 
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     try:
-        with os.fdopen(fd, mode) as f:
+        with errors.writing(path), os.fdopen(fd, mode) as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, Optional
@@ -48,6 +47,7 @@ INSTALL = "pip install 'facekd_jax[export]'  (or: .venv/bin/pip install -e '.[ex
 
 class ExportError(RuntimeError):
     """The export failed (a parity gate, a converter, a missing extra)."""
+    exit_status = 1
 
 
 def _require(module: str):
@@ -313,8 +313,15 @@ def export(workdir: str, *, fmt: str, precision: str, out: str, checkpoint: str 
     with tempfile.TemporaryDirectory() as scratch:
         blob = (to_tflite(student, precision, calib, mean=mean, scale=scale) if fmt == "tflite" else
                 to_onnx(student, precision, calib, mean=mean, scale=scale, workdir=scratch))
-    with open(tmp, "wb") as f:
-        f.write(blob)
+    from facekd_jax import errors
+
+    try:  # a full disk: no half-written FILE.tmp left behind
+        with errors.writing(tmp), open(tmp, "wb") as f:
+            f.write(blob)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     try:
         runtime = Runtime(tmp, fmt)
         cos = cosines(runtime(held_back), jax_embeddings(student, held_back))
@@ -376,12 +383,12 @@ def main(argv=None) -> None:
                         "model and JAX side by side (flip-sum, facekd_jax.evaluate.verify)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
+    from facekd_jax import errors
+
+    with errors.command_line():  # one line, the cause last (exit 1 for a failed gate, 2 for bad input)
         export(args.workdir, fmt=args.format, precision=args.precision, out=args.out, checkpoint=args.checkpoint,
                calibration=args.calibration, parity=args.parity, verify=args.verify,
                calibration_images=args.calibration_images, parity_images=args.parity_images)
-    except (ExportError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@
 Configs: FILE.py[:ARG], ARG = comma-separated variants (smoke: synthetic data, about a minute; tiny: the unit
 tests' size) and key=value parts, then any --config.FIELD=VALUE flags (facekd_jax/config_lib.py; README, "Train, distil, evaluate").
 
-Exit status: 0 done; 1 an error (its cause is the last line: a failed checkpoint save, a workdir in use by
-another run, a workdir trained with another config, a NaN loss); 75 (EX_TEMPFAIL) preempted by SIGTERM after
-saving a checkpoint: rerun the same command to resume.
+Exit status (facekd_jax.errors): 0 done; 2 a usage or input error (a missing path, a malformed spec or file, an
+unknown config key, a workdir trained with another config); 75 (EX_TEMPFAIL) preempted by SIGTERM after saving a
+checkpoint: rerun the same command to resume; 1 anything else (a full disk, a workdir in use by another run, a
+NaN loss, a failed checkpoint save). Expected failures print one line, `error: ...`; FACEKD_TRACEBACK=1 adds the
+traceback.
 """
 import os
 import sys
@@ -20,8 +22,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from facekd_jax import errors  # noqa: E402
+
 FLAGS = flags.FLAGS
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a scheduler tells "preempted, resumable" from success (0) and failure (1)
+EXIT_PREEMPTED = errors.EXIT_PREEMPTED  # EX_TEMPFAIL: a scheduler tells "preempted, resumable" from done and failed
 config_flags.DEFINE_config_file(
     "config", None, "An ml_collections config file, FILE.py[:ARG]; ARG is comma-separated variants (smoke, tiny) "
     "and key=value overrides (facekd_jax/config_lib.py). Fields can also be set with --config.FIELD=VALUE.",
@@ -43,29 +47,21 @@ def main(argv):
     xla_flags.apply_cpu_defaults(onednn=FLAGS.config.cpu_kernels != "xla")  # before JAX starts a backend
     from facekd_jax import eval_only, train  # noqa: E402 (after TF is kept off the GPU)
 
-    from facekd_jax import checkpoint as ckpt_lib
-    from facekd_jax import errors
-
     logging.info("config:\n%s", FLAGS.config)
-    try:
+    with errors.command_line():  # expected failures: one line, the cause last, not buried in a traceback
         if FLAGS.mode == "train":
             out = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
             if out.get("preempted"):
                 logging.warning("preempted at step %d: exit status %d (rerun the same command to resume)",
-                                out["step"], EXIT_PREEMPTED)
-                sys.exit(EXIT_PREEMPTED)
+                                out["step"], errors.EXIT_PREEMPTED)
+                sys.exit(errors.EXIT_PREEMPTED)
         else:
             eval_only.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
-    except (ckpt_lib.CheckpointSaveError, errors.WorkdirLockedError, errors.InputError,
-            errors.NonFiniteLossError) as e:
-        # Expected failures: the cause is the last line, not buried in a traceback.
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
 
 
 def run():
     from facekd_jax import config_lib
-    config_lib.check_overrides(sys.argv[1:])
+    config_lib.check_overrides(sys.argv[1:], required=("--config", "--workdir"))
     app.run(main)
 
 

@@ -111,6 +111,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 
 class PlanError(Exception):
     """A usage error of the plan: one line, exit status 2."""
+    exit_status = 2
 
 
 class DoesNotFit(Exception):
@@ -512,12 +513,11 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from facekd_jax import logs
     logs.quiet(__import__("absl.logging", fromlist=["get_absl_handler"]).get_absl_handler())
-    try:
+    from facekd_jax import errors
+
+    with errors.command_line():
         plans = plan(FLAGS.config, FLAGS.topology or ["v5e-8"], classes=FLAGS.classes, search=FLAGS.max_batch,
                      headroom=FLAGS.headroom, decode_per_core=FLAGS.decode_rate)
-    except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     for p in plans:
         print(report(p["train"], p["embed"]))
     print("(compiler figures and roofline bounds, not measurements; chips: "

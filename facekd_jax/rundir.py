@@ -26,6 +26,7 @@ import ml_collections
 
 from facekd_jax import checkpoint as ckpt_lib
 from facekd_jax import paths
+from facekd_jax import errors
 from facekd_jax.errors import ConfigMismatchError, WorkdirLockedError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def write_config(workdir: str, config: "ml_collections.ConfigDict | Mapping[str,
     path = config_path(workdir)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
+        with errors.writing(path), open(tmp, "w") as f:
             json.dump(payload, f, indent=2)
         os.replace(tmp, path)
     finally:
@@ -272,8 +273,12 @@ class WorkdirLock:
                             owner or "unreadable")
                 os.remove(self.path)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with errors.writing(self.path), os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError:  # a full disk: no half-written lock left behind
+                os.remove(self.path)
+                raise
             self.held = True
             return
         raise WorkdirLockedError(f"could not take the lock {self.path}: other runs keep taking it")

@@ -363,8 +363,10 @@ def main(argv=None):
     xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once (the configs keep cpu_kernels=auto)
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-    run_suite(args.config, args.workdir, runs=[r for r in args.runs.split(",") if r] or None, seeds=args.seeds,
-              students=[s for s in args.students.split(",") if s] or None, teacher_dir=args.teacher)
+    from facekd_jax import errors
+    with errors.command_line():
+        run_suite(args.config, args.workdir, runs=[r for r in args.runs.split(",") if r] or None, seeds=args.seeds,
+                  students=[s for s in args.students.split(",") if s] or None, teacher_dir=args.teacher)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ import math
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 from runs import REPO, subprocess_env, tiny_config

@@ -370,6 +370,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, images_lib.ImageDecodeError) as e:
         log.error("%s", e)
         return 2
+    except OSError as e:  # a full or read-only disk: one line too (nothing final was written: OUT.tmp is removed)
+        from facekd_jax import errors
+        if errors.exit_status(e) is None:
+            raise
+        log.error("%s", errors.message(e))
+        return errors.EXIT_ERROR
     return 0
 
 

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     xla_flags.apply_cpu_defaults(onednn=False)  # before JAX starts: faster XLA:CPU fusions for the teacher
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
+    from facekd_jax import errors
     try:
         if args.command == "import" and args.name == "insightface":
             from facekd_jax.teachers.insightface import import_insightface
@@ -79,8 +80,13 @@ def main(argv=None) -> int:
                   f"{built.embedding_size}-d, {built.header['data']['num_classes']} identities "
                   f"({built.header.get('embed_seconds', 0)} s)")
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {errors.message(e)}", file=sys.stderr)
+        return errors.EXIT_USAGE
+    except OSError as e:  # a full or read-only disk: one line too (the cache keeps its finished rows)
+        if errors.exit_status(e) is None:
+            raise
+        print(f"error: {errors.message(e)}", file=sys.stderr)
+        return errors.EXIT_ERROR
     return 0
 
 

@@ -21,16 +21,17 @@ Layout of DIR (NumPy .npy files, memory-mapped, no pickle):
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from facekd_jax import paths
+from facekd_jax import errors, paths
 from facekd_jax.teachers.imported import write_json
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,115 @@ def _crop_arg(crop: Optional[Sequence[int]]) -> Optional[Tuple[int, int, int, in
     return None if crop is None else tuple(int(v) for v in crop)
 
 
+def _reserve(path: str) -> None:
+    """Allocates the whole of a memory-mapped file on disk now: a full disk is then an OSError (ENOSPC) here, not
+    a SIGBUS when a page of the map is first written. File systems without fallocate keep the sparse file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise OSError(e.errno, e.strerror, path) from None
+    finally:
+        os.close(fd)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    """np.save through a temporary file renamed into place: a full disk leaves no half-written array."""
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    try:
+        with errors.writing(path):
+            np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _open_or_create(out: str, header: Dict[str, Any], labels: np.ndarray):
+    """(header, embeddings memmap [N, 2, E], done memmap [N]) of the cache in `out`: the existing one, after
+    checking it was built for the same teacher and data, or new files, allocated in full on disk first (a full disk
+    fails here, and the files this call made are removed, so a rerun after freeing space starts clean)."""
+    head_path = os.path.join(out, HEADER)
+    if os.path.isfile(head_path):
+        existing = open_cache(out).header
+        for key in ("teacher", "data", "crop", "embedding_size"):
+            if existing[key] != header[key]:
+                raise CacheMismatchError(f"{out} holds a cache for another {key} ({existing[key]!r}, now "
+                                         f"{header[key]!r}); choose another --out (nothing was changed)")
+        for name in (EMBEDDINGS, DONE):  # a cache begun by an older version may be sparse
+            _reserve(os.path.join(out, name))
+        return (existing, np.load(os.path.join(out, EMBEDDINGS), mmap_mode="r+"),
+                np.load(os.path.join(out, DONE), mmap_mode="r+"))
+    if os.listdir(out):
+        raise FileExistsError(f"{out} exists and is not a teacher cache; choose another --out (nothing was changed)")
+    n, e = int(header["data"]["num_images"]), int(header["embedding_size"])
+    made = []
+    try:
+        for name, dtype, shape in ((EMBEDDINGS, np.float32, (n, 2, e)), (DONE, bool, (n,))):
+            made.append(os.path.join(out, name))
+            with errors.writing(made[-1]):
+                np.lib.format.open_memmap(made[-1], mode="w+", dtype=dtype, shape=shape).flush()
+            _reserve(made[-1])
+        made.append(os.path.join(out, LABELS))
+        _save_npy(made[-1], labels)
+        made.append(head_path)
+        write_json(head_path, header)
+    except BaseException:
+        for path in made:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    return (header, np.load(os.path.join(out, EMBEDDINGS), mmap_mode="r+"),
+            np.load(os.path.join(out, DONE), mmap_mode="r+"))
+
+
+def _embed_rows(source, model, variables, todo: np.ndarray, emb, done, *, size: int, crop, batch_size: int,
+                progress: bool, corrupt: List[int]) -> List[int]:
+    """Embeds the images `todo` of `source` and their mirrors into emb[i] (rows flushed before done[i] is set, so a
+    stopped build redoes at most one batch); returns `corrupt` with the indices that could not be decoded."""
+    import jax
+    import jax.numpy as jnp
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from facekd_jax.data import images as images_lib
+
+    def load(index):
+        if source.render is not None:
+            return source.render(index[None])[0], tf.constant(True)
+        return images_lib.decode_image_tf(source.read(index), image_size=size, crop=crop, name=source.name(index))
+
+    ds = tf.data.Dataset.from_tensor_slices(todo)
+    ds = ds.map(lambda i: (i, *load(i)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size).prefetch(2)
+
+    @jax.jit
+    def embed(variables, images):
+        x = (images.astype(jnp.float32) - 127.5) / 127.5
+        both = jnp.concatenate([x, jnp.flip(x, axis=2)])
+        out = model.apply(variables, both, train=False).astype(jnp.float32)
+        return jnp.stack([out[:images.shape[0]], out[images.shape[0]:]], axis=1)
+
+    n = len(done)
+    bar = tqdm(total=n, initial=n - len(todo), unit="img", desc="teacher cache", disable=not progress,
+               mininterval=5.0)
+    for index, images, ok in ds.as_numpy_iterator():
+        count = len(index)
+        if count < batch_size:  # pad the last batch: one compiled shape
+            images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:], images.dtype)])
+        rows = np.array(embed(variables, images))[:count]  # a writable copy
+        rows[~ok] = 0.0  # never read: the pipeline replaces an undecodable image by the next one
+        corrupt += [int(i) for i in index[~ok]]
+        emb[index] = rows
+        emb.flush()
+        done[index] = True  # after the rows are on disk
+        done.flush()
+        bar.update(count)
+    bar.close()
+    return corrupt
+
+
 def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Sequence[int]] = None,
                 batch_size: int = 64, checkpoint: str = "latest", progress: bool = True) -> TeacherCache:
     """Embeds every image of the training source `spec` (and its mirror) with the teacher run in
@@ -190,20 +300,14 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
     crop: the box cut before resizing to the teacher's input; default the teacher's own crop for this data kind
     (teacher.json), else the spec's. Raises CacheMismatchError where `out` holds a cache for another teacher or data.
     """
-    import jax
-    import jax.numpy as jnp
-    import tensorflow as tf
-
     from facekd_jax import rundir
-    from facekd_jax.data import images as images_lib
     from facekd_jax.data import sources as sources_lib
+    from facekd_jax.data import specs as specs_lib
     from facekd_jax.teachers.imported import read_teacher_run
 
     if paths.is_url(out):
         raise ValueError(f"--out={out}: a cache is written to a local folder (memory-mapped); build it here and copy "
                          "it to the bucket (gsutil -m cp -r), a run reads a gs:// cache from a local copy")
-    from facekd_jax.data import specs as specs_lib
-
     spec = specs_lib.parse(spec, specs_lib.TRAIN, field="--data")
     local = paths.local_copy(teacher_workdir)  # a URL: its local copy
     run = read_teacher_run(local)
@@ -224,76 +328,27 @@ def build_cache(teacher_workdir: str, spec: str, out: str, *, crop: Optional[Seq
               "crop": list(crop) if crop else None, "embedding_size": e, "flips": ["image", "mirror"],
               "corrupt": [], "complete": False, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.makedirs(out, exist_ok=True)
-    head_path = os.path.join(out, HEADER)
-    if os.path.isfile(head_path):
-        existing = open_cache(out).header
-        for key in ("teacher", "data", "crop", "embedding_size"):
-            if existing[key] != header[key]:
-                raise CacheMismatchError(f"{out} holds a cache for another {key} ({existing[key]!r}, now "
-                                         f"{header[key]!r}); choose another --out (nothing was changed)")
-        header = existing
-        emb = np.load(os.path.join(out, EMBEDDINGS), mmap_mode="r+")
-        done = np.load(os.path.join(out, DONE), mmap_mode="r+")
-        if header["complete"] and done.all():
-            log.info("%s: complete already (%d images)", out, n)
-            return open_cache(out)
-    else:
-        if os.listdir(out):
-            raise FileExistsError(f"{out} exists and is not a teacher cache; choose another --out (nothing was "
-                                  "changed)")
-        emb = np.lib.format.open_memmap(os.path.join(out, EMBEDDINGS), mode="w+", dtype=np.float32, shape=(n, 2, e))
-        done = np.lib.format.open_memmap(os.path.join(out, DONE), mode="w+", dtype=bool, shape=(n,))
-        np.save(os.path.join(out, LABELS), np.asarray(source.labels, np.int32))
-        write_json(head_path, header)
-
+    header, emb, done = _open_or_create(out, header, np.asarray(source.labels, np.int32))
+    if header["complete"] and np.asarray(done).all():
+        log.info("%s: complete already (%d images)", out, n)
+        return open_cache(out)
     todo = np.flatnonzero(~np.asarray(done)).astype(np.int64)
     log.info("teacher cache %s: %d of %d images to embed with %s at %dx%d, crop %s", out, len(todo), n, run.model,
              size, size, crop)
-
-    def load(index):
-        if source.render is not None:
-            return source.render(index[None])[0], tf.constant(True)
-        return images_lib.decode_image_tf(source.read(index), image_size=size, crop=crop, name=source.name(index))
-
-    ds = tf.data.Dataset.from_tensor_slices(todo)
-    ds = ds.map(lambda i: (i, *load(i)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size).prefetch(2)
-
-    @jax.jit
-    def embed(variables, images):
-        x = (images.astype(jnp.float32) - 127.5) / 127.5
-        both = jnp.concatenate([x, jnp.flip(x, axis=2)])
-        out = model.apply(variables, both, train=False).astype(jnp.float32)
-        return jnp.stack([out[:images.shape[0]], out[images.shape[0]:]], axis=1)
-
-    from tqdm import tqdm
-
-    corrupt = list(header.get("corrupt", []))
-    bar = tqdm(total=n, initial=n - len(todo), unit="img", desc="teacher cache", disable=not progress,
-               mininterval=5.0)
     t0 = time.time()
-    for index, images, ok in ds.as_numpy_iterator():
-        count = len(index)
-        if count < batch_size:  # pad the last batch: one compiled shape
-            images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:], images.dtype)])
-        rows = np.array(embed(variables, images))[:count]  # a writable copy
-        rows[~ok] = 0.0  # never read: the pipeline replaces an undecodable image by the next one
-        corrupt += [int(i) for i in index[~ok]]
-        emb[index] = rows
-        emb.flush()
-        done[index] = True  # after the rows are on disk: a stopped build redoes at most one batch
-        done.flush()
-        bar.update(count)
-    bar.close()
+    corrupt = list(header.get("corrupt", []))
+    if len(todo):
+        corrupt = _embed_rows(source, model, variables, todo, emb, done, size=size, crop=crop,
+                              batch_size=batch_size, progress=progress, corrupt=corrupt)
     if corrupt:
         log.warning("teacher cache %s: %d images could not be decoded (zero rows): %s", out, len(corrupt),
                     corrupt[:10])
     valid = np.ones(n, bool)
     valid[corrupt] = False
     centres = class_centres(emb, np.asarray(source.labels), source.num_classes, valid)
-    np.save(os.path.join(out, CENTRES), centres)
+    _save_npy(os.path.join(out, CENTRES), centres)
     header.update(corrupt=sorted(set(corrupt)), complete=True, embed_seconds=round(time.time() - t0, 1))
-    write_json(head_path, header)
+    write_json(os.path.join(out, HEADER), header)
     del emb, done
     log.info("teacher cache %s complete: %d images x 2 flips x %d dims, centres of %d identities", out, n, e,
              source.num_classes)

@@ -50,17 +50,15 @@ def _sha256(path: str) -> str:
 
 def read_teacher_run(workdir: str) -> TeacherRun:
     """The network of a teacher workdir. FileNotFoundError / ValueError name the file and what is missing."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a facekd_jax run (train a teacher, or import "
-                                "one with python -m facekd_jax.teachers import dlib|insightface --out=DIR)")
+    from facekd_jax import rundir
+
+    config = rundir.read_config(workdir)
+    path = rundir.config_path(workdir)
     try:
-        with open(path) as f:
-            config = json.load(f)
         model, embedding_size = config["model"], int(config["embedding_size"])
         image_size = int(config["data"]["image_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable run config ({type(e).__name__}: {e})") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a run config ({type(e).__name__}: {e})") from e
     crops: Dict[str, Tuple[int, int, int, int]] = {}
     meta_path = os.path.join(workdir, TEACHER_JSON)
     imported = os.path.isfile(meta_path)
@@ -68,7 +66,7 @@ def read_teacher_run(workdir: str) -> TeacherRun:
         try:
             with open(meta_path) as f:
                 crops = {k: tuple(int(v) for v in box) for k, box in json.load(f).get("crops", {}).items()}
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from e
     return TeacherRun(workdir=os.path.abspath(workdir), model=model, image_size=image_size,
                       embedding_size=embedding_size, crops=crops, imported=imported)
@@ -76,10 +74,16 @@ def read_teacher_run(workdir: str) -> TeacherRun:
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
     """JSON through a temporary file renamed into place: a reader never sees half a file."""
+    from facekd_jax import errors
+
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with errors.writing(path), open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +112,6 @@ def import_teacher(out: str, path: str, read: Callable[[], ImportedNetwork], *, 
     "batch_stats" where the model has them) and WORKDIR/teacher.json. -> read_teacher_run(out).
     """
     import jax
-    import ml_collections  # noqa: F401 (config_lib needs it)
 
     from facekd_jax import checkpoint as ckpt_lib
     from facekd_jax import config_lib
