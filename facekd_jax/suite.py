@@ -41,13 +41,22 @@ class Table:
     def suite(self):
         return self.module.SUITE
 
-    def config(self, run: str, *, seed: Optional[int] = None, student: Optional[str] = None):
+    def config(self, run: str, *, seed: Optional[int] = None, student: Optional[str] = None, split: str = "test"):
         c = self.module.get_config(",".join(p for p in (run, self.arg) if p))
         if seed is not None:
             c.seed = seed
         if student:
             c.model = student
+        if split == "dev":
+            c.data.val_targets = tuple(dev_spec(v) for v in c.data.val_targets)
         return c
+
+
+def dev_spec(text: str) -> str:
+    """A verification spec on the development split: an LFW set (lfw:, lfw-view2:) becomes lfw-dev: of the same
+    folder and crop (data.lfw_dev: people held out of training, never reported); any other set stays."""
+    kind, sep, rest = text.partition(":")
+    return f"lfw-dev:{rest}" if sep and kind in ("lfw", "lfw-view2") else text
 
 
 def load_table(config: str) -> Table:
@@ -224,11 +233,29 @@ def teacher_record(teacher: Teacher, config, log) -> Dict[str, Any]:
 
 
 def run_suite(config: str, workdir: str, *, runs: Optional[Sequence[str]] = None, seeds: Optional[int] = None,
-              students: Optional[Sequence[str]] = None, teacher_dir: Optional[str] = None,
+              students: Optional[Sequence[str]] = None, teacher_dir: Optional[str] = None, split: str = "test",
               log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Trains and evaluates the table of `config` ('configs/NAME.py[:ARG]'): `runs` (default all, the teacher
     first where it is a run), `seeds` (default SUITE.seeds) and `students` (default the config's model) in
-    `workdir`; writes and returns the summary {"students": {student: table}, "seeds", "teacher"}."""
+    `workdir`; writes and returns the summary {"students": {student: table}, "seeds", "teacher", "split"}.
+
+    split "dev": every LFW verification set becomes the development split's pairs (`dev_spec`), and reading the
+    reported test pairs raises for as long as the suite runs. The runs are the same (the verification sets are not
+    part of what a run trains), so a later split="test" call on the same workdir reuses their checkpoints and only
+    evaluates them on the test pairs: the reported pairs are read once, at the end."""
+    if split not in ("test", "dev"):
+        raise ValueError(f"--split={split}: expected test or dev")
+    from facekd_jax.data import lfw_dev
+
+    lfw_dev.refuse_test_pairs(split == "dev")
+    try:
+        return _run_suite(config, workdir, runs=runs, seeds=seeds, students=students, teacher_dir=teacher_dir,
+                          split=split, log=log)
+    finally:
+        lfw_dev.refuse_test_pairs(False)
+
+
+def _run_suite(config: str, workdir: str, *, runs, seeds, students, teacher_dir, split: str, log) -> Dict[str, Any]:
     table = load_table(config)
     suite = table.suite
     wanted = list(runs or suite.runs)
@@ -246,7 +273,8 @@ def run_suite(config: str, workdir: str, *, runs: Optional[Sequence[str]] = None
     for student in (students or [None]):
         for seed in range(seeds):
             for run in rows:
-                plan[(student, seed, run)] = with_teacher(table.config(run, seed=seed, student=student), teacher)
+                plan[(student, seed, run)] = with_teacher(
+                    table.config(run, seed=seed, student=student, split=split), teacher)
     build_caches(plan.values(), teacher, log)
     records: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
     for (student, seed, run), c in plan.items():
@@ -260,7 +288,7 @@ def run_suite(config: str, workdir: str, *, runs: Optional[Sequence[str]] = None
         t = teacher_record(teacher, first, log) if teacher is not None else None
         summaries[name] = write_table(name, by_run, t, suite.baseline, workdir, log=log)
     summary = {"students": summaries, "seeds": seeds, "teacher": teacher.workdir if teacher else None,
-               "config": config}
+               "config": config, "split": split}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
@@ -346,6 +374,9 @@ def main(argv=None):
     parser.add_argument("--students", default="", help="comma-separated student models (default the config's)")
     parser.add_argument("--teacher", default=None, help="a teacher run folder (trained, or imported with python -m "
                         "facekd_jax.teachers import) instead of the table's own teacher")
+    parser.add_argument("--split", default="test", choices=("test", "dev"),
+                        help="dev: evaluate on LFW's development pairs (facekd_jax.data.lfw_dev) and refuse to read "
+                        "the reported test pairs; test (default): the table's own verification sets")
     args = parser.parse_args(argv)
     from facekd_jax import paths
     if paths.is_url(args.workdir):
@@ -366,7 +397,8 @@ def main(argv=None):
     from facekd_jax import errors
     with errors.command_line():
         run_suite(args.config, args.workdir, runs=[r for r in args.runs.split(",") if r] or None, seeds=args.seeds,
-                  students=[s for s in args.students.split(",") if s] or None, teacher_dir=args.teacher)
+                  students=[s for s in args.students.split(",") if s] or None, teacher_dir=args.teacher,
+                  split=args.split)
 
 
 if __name__ == "__main__":

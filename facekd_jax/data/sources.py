@@ -145,29 +145,46 @@ def folder_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
 
 
 def read_people(path: str) -> List[Tuple[str, int]]:
-    """LFW people file (peopleDevTrain.txt: a count line, then 'name<TAB>n_images') -> [(name, n_images)]."""
+    """LFW people file (peopleDevTrain.txt: a count line, then 'name<TAB>n_images') -> [(name, n_images)].
+
+    ValueError names the file and line: a malformed line, text that is not UTF-8, or fewer or more people than the
+    count line says (a truncated file would otherwise lose people silently)."""
     people = []
-    with open(path) as f:
-        lines = [line.split() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.split() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+    count = None
     for lineno, fields in enumerate(lines, 1):
-        if len(fields) == 1 and lineno == 1:
-            continue  # the count header
-        if len(fields) != 2 or not fields[1].isdigit():
+        if len(fields) == 1 and lineno == 1 and fields[0].isdecimal():
+            count = int(fields[0])  # the count header
+            continue
+        # isdecimal, not isdigit: int() refuses digits such as '²' that isdigit accepts
+        if len(fields) != 2 or not fields[1].isdecimal():
             raise ValueError(f"{path}:{lineno}: expected 'name<TAB>count', got {' '.join(fields)!r}")
         people.append((fields[0], int(fields[1])))
+    if not people:
+        raise ValueError(f"{path}: no people in the file (expected a count line, then 'name<TAB>count' lines)")
+    if count is not None and count != len(people):
+        raise ValueError(f"{path}:1: the count line says {count} people but the file lists {len(people)} (a "
+                         "truncated or edited file?)")
     return people
 
 
 def lfw_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
-    """LFW's View 1 training people (peopleDevTrain.txt), never in pairsDevTest.txt: `lfw:` those with >= 2
-    images, `lfw-all:` all of them."""
+    """LFW's View 1 training people (peopleDevTrain.txt), never in pairsDevTest.txt, without the development
+    split's people (data.lfw_dev): `lfw:` those with >= 2 images, `lfw-all:` all of them."""
+    from facekd_jax.data import lfw_dev
+
     root, crop, min_images = spec.path, spec.crop_or_default, 2 if spec.kind == "lfw" else 1
     people_txt = os.path.join(root, "peopleDevTrain.txt")
     images_dir = os.path.join(root, LFW_IMAGES)
     for p in (people_txt, images_dir):
         if not os.path.exists(p):
             raise FileNotFoundError(f"LFW training data needs {p} (spec 'lfw:{root}')")
-    wanted = sorted(name for name, n in read_people(people_txt) if n >= min_images)
+    held_out = lfw_dev.held_out(root)
+    wanted = sorted(name for name, n in read_people(people_txt) if n >= min_images and name not in held_out)
     paths, labels = [], []
     for label, name in enumerate(wanted):
         pdir = os.path.join(images_dir, name)
@@ -179,7 +196,7 @@ def lfw_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
         labels.extend([label] * len(files))
     return _file_source(paths, np.asarray(labels, np.int32), wanted, crop,
                         f"LFW {images_dir}: {len(paths)} images of the {len(wanted)} peopleDevTrain people with "
-                        f">= {min_images} images, crop {crop}")
+                        f">= {min_images} images (the {len(held_out)} development people held out), crop {crop}")
 
 
 def recordio_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:

@@ -71,6 +71,9 @@ KINDS: Dict[str, Kind] = {k.name: k for k in [
     Kind("lfw-view2", {VERIFICATION: f"{_VER}:lfw_pairs"}, {VERIFICATION: "lfw-view2:DIR[@l,t,r,b]"},
          "LFW View 2: the 6,000 pairs of pairs.txt in 10 folds (its people include View 1's training people)",
          default_crop=LFW_CROP),
+    Kind("lfw-dev", {VERIFICATION: f"{_VER}:lfw_dev_pairs"}, {VERIFICATION: "lfw-dev:DIR[@l,t,r,b]"},
+         "LFW's development split: 500 same + 500 different pairs of 150 training people held out of every training "
+         "set (data.lfw_dev)", default_crop=LFW_CROP),
     Kind("recordio", {TRAIN: f"{_SRC}:recordio_source"}, {TRAIN: "recordio:DIR[@l,t,r,b]"},
          "insightface train.rec / train.idx / property (read without MXNet)"),
     Kind("tfrecord", {TRAIN: f"{_SRC}:tfrecord_source"}, {TRAIN: "tfrecord:GLOB[@l,t,r,b]"},

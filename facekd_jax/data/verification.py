@@ -11,9 +11,12 @@ Each reader takes a parsed specs.DataSpec and returns (images uint8 [2N, S, S, 3
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
+import pickletools
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -50,14 +53,21 @@ def read_pairs(pairs_txt: str) -> List[Pair]:
     pairs_txt = os.fspath(pairs_txt)
     if not os.path.isfile(pairs_txt):
         raise FileNotFoundError(f"pairs file not found: {pairs_txt}")
-    with open(pairs_txt, encoding="utf-8") as f:
-        lines = [(n, ln.split()) for n, ln in enumerate(f, 1)]
+    with open(pairs_txt, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{pairs_txt} line {line}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    lines = [(n, ln.split()) for n, ln in enumerate(io.StringIO(text, newline=None), 1)]
     lines = [(n, t) for n, t in lines if t]
     if not lines:
         raise ValueError(f"{pairs_txt}: empty pairs file")
     expected = None
     first_n, first = lines[0]
-    if len(first) in (1, 2) and all(t.isdigit() for t in first):
+    # isdecimal, not isdigit: int() refuses digits such as '²' that isdigit accepts
+    if len(first) in (1, 2) and all(t.isdecimal() for t in first):
         expected = 2 * int(first[0]) if len(first) == 1 else 2 * int(first[0]) * int(first[1])
         lines = lines[1:]
     pairs = []
@@ -141,7 +151,7 @@ def load_pairs(pairs_txt: str, images_dir: str, *, image_size: int = 112, crop=N
 
 def protocol_order(pairs: List[Pair], pairs_txt: str) -> List[Pair]:
     """The order in which the 10-fold protocol should see the pairs of `pairs_txt` (see load_pairs)."""
-    with open(pairs_txt) as f:
+    with open(pairs_txt, encoding="utf-8") as f:
         view1 = len(f.readline().split()) == 1
     same = [p for p in pairs if p.issame]
     diff = [p for p in pairs if not p.issame]
@@ -159,7 +169,10 @@ class _BinUnpickler(pickle.Unpickler):
         if module == "_codecs" and name == "encode":  # how protocol <= 2 pickles store Python 3 bytes
             import _codecs
             return _codecs.encode
-        if module in ("builtins", "__builtin__") and name in ("bytearray", "bytes", "bool", "list", "tuple"):
+        if module in ("builtins", "__builtin__") and name in ("bytearray", "bytes"):
+            import builtins
+            return _from_data(getattr(builtins, name))
+        if module in ("builtins", "__builtin__") and name in ("bool", "list", "tuple"):
             import builtins
             return getattr(builtins, name)
         if (module == "numpy" or module.startswith(("numpy.core", "numpy._core"))) and name in self._NUMPY:
@@ -171,6 +184,32 @@ class _BinUnpickler(pickle.Unpickler):
                 return getattr(importlib.import_module(mod), name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a verification .bin holds only encoded "
                                      "images and booleans")
+
+
+def _from_data(kind):
+    """bytes / bytearray for the unpickler, from data only: bytes(2**40) would allocate the size the file names."""
+    def build(*args):
+        if args and isinstance(args[0], int):
+            raise pickle.UnpicklingError(f"{kind.__name__}({args[0]}) asks for a size, not data")
+        return kind(*args)
+    return build
+
+
+def _check_pickle(data: bytes, path: str) -> None:
+    """Walks the pickle's opcodes (pickletools builds nothing) before the unpickler runs: every length must fit in
+    the bytes left and every memo index must be one the pickle could have made so far. The unpickler allocates
+    the length an opcode declares (2**40 bytes) or grows its memo to an index (2**32 slots) before it finds the
+    data short."""
+    pos = 0
+    try:
+        for n, (op, arg, pos) in enumerate(pickletools.genops(data)):
+            if op.name == "FRAME" and arg > len(data) - pos:
+                raise ValueError(f"a frame of {arg} bytes with {len(data) - pos} left")
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > n:
+                raise ValueError(f"memo index {arg} after {n} opcodes")
+    except (ValueError, struct.error) as e:
+        raise ValueError(f"{path}: not a readable insightface .bin (pickle of (images, issame)): at byte {pos}: "
+                         f"{e}") from None
 
 
 def _as_bytes(item, path: str, i: int) -> bytes:
@@ -188,20 +227,26 @@ def read_bin(path: str) -> Tuple[List[bytes], np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"verification .bin not found: {path}")
-    errors = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, UnicodeError)
+    with open(path, "rb") as f:
+        data = f.read()
+    _check_pickle(data, path)
+    errors = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, UnicodeError,
+              KeyError, IndexError, OverflowError, MemoryError, RecursionError, struct.error)
     try:
-        with open(path, "rb") as f:
-            obj = _BinUnpickler(f, encoding="bytes").load()
+        obj = _BinUnpickler(io.BytesIO(data), encoding="bytes").load()
     except errors as e:
         try:  # Python 2 pickles holding numpy arrays need latin1 (numpy's own advice); images come back as str
-            with open(path, "rb") as f:
-                obj = _BinUnpickler(f, encoding="latin1").load()
+            obj = _BinUnpickler(io.BytesIO(data), encoding="latin1").load()
         except errors:
             raise ValueError(f"{path}: not a readable insightface .bin (pickle of (images, issame)): {e}") from e
-    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(x, (tuple, list, np.ndarray))
+                                                                      for x in obj)):
         raise ValueError(f"{path}: expected a pickled pair (encoded images, issame list), got {type(obj).__name__}")
     bins, issame = obj
-    issame = np.asarray(list(issame), dtype=bool).reshape(-1)
+    try:
+        issame = np.asarray(list(issame), dtype=bool).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: issame is not a list of booleans ({e})") from None
     bins = [_as_bytes(b, path, i) for i, b in enumerate(bins)]
     if len(bins) != 2 * issame.shape[0]:
         raise ValueError(f"{path}: {len(bins)} images for {issame.shape[0]} pairs (expected {2 * issame.shape[0]})")
@@ -246,6 +291,9 @@ def bin_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarra
 
 
 def txt_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    if os.path.basename(spec.path) in LFW_PAIRS.values():
+        from facekd_jax.data import lfw_dev
+        lfw_dev.check_test_pairs_allowed(str(spec))
     return load_pairs(spec.path, spec.options[0], image_size=image_size, crop=spec.crop)
 
 
@@ -254,10 +302,25 @@ LFW_PAIRS = {"lfw": "pairsDevTest.txt", "lfw-view2": "pairs.txt"}
 
 
 def lfw_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    from facekd_jax.data import lfw_dev
+
+    lfw_dev.check_test_pairs_allowed(str(spec))
     if not os.path.isdir(spec.path):
         raise FileNotFoundError(f"LFW folder not found: {spec.path} (spec {str(spec)!r})")
     return load_pairs(os.path.join(spec.path, LFW_PAIRS[spec.kind]), _lfw_dirs(spec.path), image_size=image_size,
                       crop=spec.crop_or_default)
+
+
+def lfw_dev_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The development split's pairs (data.lfw_dev): people never trained on and never reported."""
+    from facekd_jax.data import lfw_dev
+
+    if not os.path.isdir(spec.path):
+        raise FileNotFoundError(f"LFW folder not found: {spec.path} (spec {str(spec)!r})")
+    pairs = lfw_dev.dev_pairs(spec.path)
+    paths = pair_image_paths(pairs, _lfw_dirs(spec.path), pairs_txt=f"{spec.path} development pairs")
+    images = decode_paths(paths, image_size=image_size, crop=spec.crop_or_default)
+    return images, np.array([p.issame for p in pairs], dtype=bool)
 
 
 def synthetic_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
