@@ -27,7 +27,6 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-log_ = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -382,18 +381,8 @@ def main(argv=None):
     if paths.is_url(args.workdir):
         parser.error(f"--workdir={args.workdir}: the suite's workdir must be a local folder (its runs, caches and "
                      "summary live there); a single run of facekd_jax.main takes gs:// workdirs")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from facekd_jax import logs
-    for handler in logging.getLogger().handlers:
-        logs.quiet(handler)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # The KD students share their init and eval programs: compile them once for the whole suite.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(args.workdir), ".jax_cache"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-    from facekd_jax.cpu import xla_flags
-    xla_flags.apply_cpu_defaults()  # before JAX starts: XLA reads XLA_FLAGS once (the configs keep cpu_kernels=auto)
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")
+    logs.start_process(workdir=args.workdir)
     from facekd_jax import errors
     with errors.command_line():
         run_suite(args.config, args.workdir, runs=[r for r in args.runs.split(",") if r] or None, seeds=args.seeds,

@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 
@@ -50,15 +48,8 @@ def main(argv=None) -> int:
     cache.add_argument("--batch_size", type=int, default=64)
     cache.add_argument("--checkpoint", default="latest", choices=["latest", "best"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from facekd_jax import logs
-    for handler in logging.getLogger().handlers:
-        logs.quiet(handler)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from facekd_jax.cpu import xla_flags
-    xla_flags.apply_cpu_defaults(onednn=False)  # before JAX starts: faster XLA:CPU fusions for the teacher
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")
+    logs.start_process(onednn=False)  # the teacher gets flax's layers; XLA:CPU's fusions still help it
     from facekd_jax import errors
     try:
         if args.command == "import" and args.name == "insightface":
