@@ -47,8 +47,9 @@ DLIB_CROP = (68, 77, 184, 193)
 DLIB_IMAGE_SIZE = 150
 LOSS_NAME = "loss_metric_2"
 INPUT_NAME = "input_rgb_image_sized"
-INSTALL_HINT = ("pip install 'facekd_jax[teachers]' (or: pip install face_recognition_models), or pass the file "
-                "with --weights=PATH")
+# How to get the face_recognition_models package (which ships dlib's model files).
+PACKAGE_HINT = "pip install 'facekd_jax[teachers]' (or: pip install face_recognition_models)"
+INSTALL_HINT = f"{PACKAGE_HINT}, or pass the file with --weights=PATH"
 
 # dlib's float_details marks non-finite floats with these exponents.
 _SPECIAL_EXPONENTS = {32000: math.inf, 32001: -math.inf, 32002: math.nan}
@@ -188,7 +189,10 @@ class _Reader:
         shape = self.shape(what)
         n = math.prod(shape)
         raw = self.take(4 * n, f"the float32 data of {what} ({n} values)")
-        return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)
+        try:
+            return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)
+        except ValueError as e:  # an empty tensor with a dimension past what NumPy allows
+            raise self.error(f"the shape of {what}", f"{shape} ({e})", self.pos - len(raw)) from None
 
     def alias(self, what: str) -> Tuple[int, int, int, int]:
         self.version(1, f"an alias tensor ({what})")
@@ -385,18 +389,23 @@ def load_dlib_variables(path: "str | os.PathLike") -> Dict[str, Any]:
     return to_flax_variables(read_dlib_net(path))
 
 
-def find_dlib_weights() -> str:
-    """The path of dlib_face_recognition_resnet_model_v1.dat in the installed face_recognition_models package.
+def find_packaged_model(filename: str, what: str, hint: str = PACKAGE_HINT) -> str:
+    """The path of models/<filename> in the installed face_recognition_models package.
 
     The package is located by its import spec, without importing it (its __init__ imports pkg_resources).
-    FileNotFoundError with the install command when it is not there.
+    FileNotFoundError naming `what`, the file and `hint` (how to install it) when it is not there.
     """
     spec = importlib.util.find_spec("face_recognition_models")
     dirs = list(spec.submodule_search_locations or []) if spec is not None else []
     for d in dirs:
-        candidate = pathlib.Path(d) / "models" / DLIB_MODEL_FILE
+        candidate = pathlib.Path(d) / "models" / filename
         if candidate.is_file():
             return str(candidate)
-    where = f" (face_recognition_models at {dirs[0]} has no models/{DLIB_MODEL_FILE})" if dirs else ""
-    raise FileNotFoundError(f"dlib's face-descriptor weights {DLIB_MODEL_FILE} not found{where}: {INSTALL_HINT}")
+    where = f" (face_recognition_models at {dirs[0]} has no models/{filename})" if dirs else ""
+    raise FileNotFoundError(f"{what} {filename} not found{where}: {hint}")
 
+
+def find_dlib_weights() -> str:
+    """The path of dlib_face_recognition_resnet_model_v1.dat in the installed face_recognition_models package;
+    FileNotFoundError with the install command when it is not there."""
+    return find_packaged_model(DLIB_MODEL_FILE, "dlib's face-descriptor weights", INSTALL_HINT)
