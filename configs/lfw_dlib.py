@@ -39,6 +39,23 @@ RUNS = {
 SUITE = config_lib.Suite(runs=tuple(RUNS), baseline="baseline", teacher="import:dlib", seeds=3,
                          descriptions={run: text for run, (_, text) in RUNS.items()})
 
+# LFW as given (deep-funnelled, a fixed box) and its 5-point aligned copy (python -m facekd_jax.data.convert align
+# --lfw=../shared/data/lfw --output=runs/lfw_aligned; make lfw-aligned).
+BOXED, ALIGNED = "../shared/data/lfw", "runs/lfw_aligned"
+# Every setting tried, on the development split only (python -m facekd_jax.sweep --config=configs/lfw_dlib.py
+# --workdir=runs/lfw_dlib_sweep; docs/results.md has its table): entry -> (runs, key=value settings).
+_KEY = ("baseline", "label_free_kd", "conventional_kd")
+SWEEP = {
+    "boxed_250": (_KEY, f"data.root={BOXED}"),
+    "aligned_250": (_KEY, f"data.root={ALIGNED}"),
+    "aligned_500": (_KEY, f"data.root={ALIGNED},num_train_steps=500"),
+    "aligned_1000": (_KEY[:2], f"data.root={ALIGNED},num_train_steps=1000"),
+    "aligned_64px_500": (_KEY[:2], f"data.root={ALIGNED},num_train_steps=500,data.image_size=64"),
+    "aligned_s64_500": (_KEY[:2], f"data.root={ALIGNED},num_train_steps=500,scale=64.0"),
+    "aligned_lr0.2_500": (_KEY[:2], f"data.root={ALIGNED},num_train_steps=500,optimizer.lr=0.2"),
+    "aligned_uncentred_500": (_KEY[:2], f"data.root={ALIGNED},num_train_steps=500,teacher.centre=False"),
+}
+
 
 def get_config(arg: str = ""):
     run, arg = config_lib.split_run(arg, RUNS, "baseline")
@@ -57,12 +74,11 @@ def get_config(arg: str = ""):
     if c.teacher.model:  # a KD row: dlib's teacher through its centred embedding cache
         c.teacher.model = "dlib_resnet29"
         c.teacher.workdir = "runs/lfw_dlib/teacher_dlib"
-        c.teacher.cache = "{teacher}/cache_lfw"
+        c.teacher.cache = "{teacher}/cache_{data}"   # one per training set: lfw-<digest>, lfw-all-<digest>
         c.teacher.centre = True
     if run == "label_free_kd":
         c.kd.ce_weight = 0.0
         c.data.train = "lfw-all:{root}"
-        c.teacher.cache = "{teacher}/cache_lfw_all"
     config_lib.apply_arg(c, arg)
     config_lib.suite_budget(c, c.num_train_steps)
     return c

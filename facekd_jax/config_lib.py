@@ -155,13 +155,15 @@ class Suite:
     baseline: the row every other row's McNemar test compares with.
     teacher: where the teacher comes from: a run of `runs`, trained first ("teacher_resnet18"), or an import
       ("import:dlib", facekd_jax.teachers); `python -m facekd_jax.suite --teacher=DIR` gives a teacher run instead.
-    seeds: seeds per row by default. descriptions: {run: what the table says of it}.
+    seeds: seeds per row by default. descriptions: {run: what the table says of it}. default: the runs trained
+      when none are named (empty: all; `--runs=all` trains all in any case).
     """
     runs: Tuple[str, ...]
     baseline: str
     teacher: str = ""
     seeds: int = 1
     descriptions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    default: Tuple[str, ...] = ()
 
 
 def split_run(arg: str, runs: Sequence[str], default: str) -> Tuple[str, str]:
@@ -175,8 +177,17 @@ def split_run(arg: str, runs: Sequence[str], default: str) -> Tuple[str, str]:
 
 def teacher_cache_dir(config: ml_collections.ConfigDict) -> str:
     """config.teacher.cache with `{teacher}` replaced by config.teacher.workdir (a cache kept in its teacher's run
-    folder, as the suites keep theirs); '' without a cache."""
-    return str(config.teacher.cache).replace("{teacher}", str(config.teacher.workdir).rstrip("/"))
+    folder, as the tables keep theirs) and `{data}` by the training data's kind and a digest of its resolved spec
+    (so that one teacher keeps a cache per dataset, crop and copy: "lfw-1c3e5a7b"); '' without a cache."""
+    path = str(config.teacher.cache).replace("{teacher}", str(config.teacher.workdir).rstrip("/"))
+    if "{data}" in path:
+        import hashlib
+
+        from facekd_jax.data import specs
+        spec = specs.parse(config.data.train, specs.TRAIN, root=config.data.root, field="config.data.train")
+        digest = hashlib.sha256(f"{specs.canonical_path(spec)}@{spec.crop}".encode()).hexdigest()[:8]
+        path = path.replace("{data}", f"{spec.kind}-{digest}")
+    return path
 
 
 def _literal(text: str) -> Any:

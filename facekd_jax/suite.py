@@ -256,7 +256,7 @@ def run_suite(config: str, workdir: str, *, runs: Optional[Sequence[str]] = None
 def _run_suite(config: str, workdir: str, *, runs, seeds, students, teacher_dir, split: str, log) -> Dict[str, Any]:
     table = load_table(config)
     suite = table.suite
-    wanted = list(runs or suite.runs)
+    wanted = list(suite.runs if runs in (["all"], ("all",)) else runs or suite.default or suite.runs)
     unknown = sorted(set(wanted) - set(suite.runs))
     if unknown:
         raise ValueError(f"unknown suite runs {unknown}; {table.path} has: {', '.join(suite.runs)}")
@@ -367,7 +367,8 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="a table's config file, FILE.py[:ARG] (ARG: a size such as "
                         "tiny, key=value fields; applied to every run)")
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--runs", default="", help="comma-separated subset of the table's runs (default all)")
+    parser.add_argument("--runs", default="", help="comma-separated subset of the table's runs, or all (default: "
+                        "the table's default runs)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per run (default the table's)")
     parser.add_argument("--students", default="", help="comma-separated student models (default the config's)")
     parser.add_argument("--teacher", default=None, help="a teacher run folder (trained, or imported with python -m "

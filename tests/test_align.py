@@ -396,3 +396,61 @@ def test_align_with_dlib_says_what_failed():
         align_with_dlib(image, (1, 2, 60, 70), _Fixed(nan), template="insightface")
     with pytest.raises(ValueError, match=r"dlib_chip_transform: landmarks are not finite"):
         dlib_face_chip(image, nan)
+
+
+# --- the converter: python -m facekd_jax.data.convert align -----------------------------------------------------
+
+def _small_lfw(lfw_dir, root, people=3):
+    """A small LFW folder at `root`: `people` people's first two images, LFW's protocol files, and a corrupt JPEG."""
+    import shutil
+
+    src = lfw_dir / "lfw-deepfunneled"
+    if not src.is_dir():
+        pytest.skip(f"LFW deep-funnelled images not found at {src}")
+    names = [p for p in sorted(os.listdir(src)) if os.path.isfile(src / p / f"{p}_0002.jpg")][:people]
+    for p in names:
+        (root / "lfw-deepfunneled" / p).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(src / p / f"{p}_000{i}.jpg", root / "lfw-deepfunneled" / p)
+    for text in ("pairs.txt", "peopleDevTrain.txt"):
+        shutil.copy(lfw_dir / text, root / text)
+    (root / "lfw-deepfunneled" / "Broken_Person").mkdir()
+    (root / "lfw-deepfunneled" / "Broken_Person" / "Broken_Person_0001.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return names
+
+
+def test_convert_align_cuts_both_crops_from_one_copy(lfw_dir, predictor, tmp_path):
+    from PIL import Image
+
+    from facekd_jax.data import convert, specs
+
+    names = _small_lfw(lfw_dir, tmp_path / "lfw")
+    out = tmp_path / "aligned"
+    summary = convert.align_lfw(str(tmp_path / "lfw"), str(out), progress=False, workers=1)
+    assert summary["images"] == 2 * len(names) + 1
+    # The corrupt image is stored (pairs stay complete) and named, with why.
+    record = align.read_alignment(str(out))
+    assert [f["image"] for f in record["failed"]] == ["Broken_Person/Broken_Person_0001.jpg"]
+    assert "cannot decode" in record["failed"][0]["error"]
+    assert (out / "pairs.txt").read_bytes() == (lfw_dir / "pairs.txt").read_bytes()
+    assert not list(tmp_path.glob("aligned.tmp-*"))
+    # Every spec on the copy cuts the aligned ArcFace crop; a teacher taking dlib's chip gets its box.
+    assert specs.default_crop(specs.parse(f"lfw:{out}", specs.TRAIN)) == align.chip_boxes()["arcface"]
+    assert align.aligned_crop(str(out), "dlib") == align.chip_boxes()["dlib"]
+    # That crop is the ArcFace crop align_with_dlib makes from the original image (up to resampling twice).
+    for p in names:
+        with Image.open(lfw_dir / "lfw-deepfunneled" / p / f"{p}_0001.jpg") as im:
+            direct = align_with_dlib(np.asarray(im.convert("RGB")), convert.LFW_FACE_BOX, predictor)
+        with Image.open(out / "lfw-deepfunneled" / p / f"{p}_0001.jpg") as im:
+            chip = np.asarray(im.convert("RGB"))
+        assert chip.shape == (align.COPY_SIZE, align.COPY_SIZE, 3)
+        l, t, r, b = align.chip_boxes()["arcface"]
+        cut = np.asarray(Image.fromarray(chip[t:b, l:r]).resize((112, 112), Image.BILINEAR), np.float64)
+        assert np.abs(cut - direct).mean() < 12, p
+        other = np.asarray(Image.fromarray(chip[t:b, l:r]).resize((112, 112), Image.BILINEAR).rotate(15), np.float64)
+        assert np.abs(other - direct).mean() > np.abs(cut - direct).mean() + 5   # the check can tell faces apart
+    # A second conversion onto the copy refuses and leaves it as it was.
+    before = (out / align.ALIGNMENT).read_bytes()
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        convert.align_lfw(str(tmp_path / "lfw"), str(out), progress=False)
+    assert (out / align.ALIGNMENT).read_bytes() == before

@@ -43,6 +43,11 @@ def test_config_args_take_variants_fields_and_bracketed_values():
 
 def test_a_teacher_cache_in_its_teachers_folder():
     c = config_lib.load_config(f"{REPO}/configs/lfw_dlib.py:feature_kd,teacher.workdir=/t/dlib/")
-    assert config_lib.teacher_cache_dir(c) == "/t/dlib/cache_lfw"
+    labelled = config_lib.teacher_cache_dir(c)
+    assert labelled.startswith("/t/dlib/cache_lfw-") and len(labelled) == len("/t/dlib/cache_lfw-") + 8
+    free = config_lib.load_config(f"{REPO}/configs/lfw_dlib.py:label_free_kd,teacher.workdir=/t/dlib")
+    assert config_lib.teacher_cache_dir(free).startswith("/t/dlib/cache_lfw-all-")  # one cache per training set
+    c.data.root = "/elsewhere"  # another copy of the data: another cache
+    assert config_lib.teacher_cache_dir(c) != labelled
     c.teacher.cache = "/caches/x"
     assert config_lib.teacher_cache_dir(c) == "/caches/x"

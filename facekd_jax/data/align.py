@@ -261,3 +261,67 @@ def align_with_dlib(image: np.ndarray, box: Sequence[float], predictor: Any, tem
         return dlib_face_chip(image, np.floor(landmarks + 0.5), DLIB_CHIP_SIZE if size is None else size)
     size = 112 if size is None else int(size)
     return warp_affine(np.asarray(image), similarity_transform(landmarks, arcface_template_for_dlib(size)), size)
+
+
+# ----------------------------------------------------------------------------------------------- aligned copies
+
+ALIGNMENT = "alignment.json"   # in the root of an aligned copy (python -m facekd_jax.data.convert align)
+
+
+def read_alignment(root: str) -> Optional[dict]:
+    """The alignment.json of an aligned copy at `root` (its template, size, the boxes within its chips, the
+    images it could not align), or None where `root` is not one."""
+    import json
+    import os
+
+    path = os.path.join(str(root), ALIGNMENT)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        record["boxes"] = {k: tuple(int(v) for v in box) for k, box in record["boxes"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable alignment record ({type(e).__name__}: {e})") from None
+    return record
+
+
+def aligned_crop(root: str, template: str = "arcface") -> Optional[tuple]:
+    """The box within an aligned copy's chips that is `template`'s crop ("arcface": the ArcFace crop a student
+    takes; "dlib": dlib's face chip, the whole of a dlib-chip copy), or None where `root` is not an aligned copy."""
+    record = read_alignment(root)
+    if record is None:
+        return None
+    if template not in record["boxes"]:
+        raise ValueError(f"{root}/{ALIGNMENT}: no {template!r} box (has {', '.join(record['boxes'])})")
+    return record["boxes"][template]
+
+
+# An aligned copy stores wide dlib chips, from which both crops are cut: dlib's descriptor chip (padding 0.25) and
+# the ArcFace crop (which reaches further up the forehead: padding 0.6 or more). At 230 px with padding 0.65 the
+# descriptor chip is 150 px wide, its own resolution.
+COPY_SIZE, COPY_PADDING = 230, 0.65
+
+
+def chip_boxes(size: int = COPY_SIZE, padding: float = COPY_PADDING, arcface: int = 112) -> dict:
+    """The crops within a wide dlib chip (size, padding): "dlib" dlib's descriptor chip (150, padding 0.25), and
+    "arcface" the ArcFace crop, as (left, top, right, bottom) boxes rounded out to whole pixels.
+
+    Every chip here is a least-squares similarity from the same five landmarks onto templates that are a
+    similarity apart (arcface_template_for_dlib places dlib's mean face in the ArcFace crop), so each crop is the
+    same box of every wide chip: the one measured on a face whose landmarks sit exactly on the ArcFace template.
+    The ArcFace crop's tilt (its template's eye line differs from dlib's by 0.3 degrees) is ignored."""
+    face = arcface_template_for_dlib(arcface)            # landmarks of a face already in the ArcFace crop
+    wide = np.vstack([dlib_chip_transform(face, size, padding), [0.0, 0.0, 1.0]])
+
+    def box(corners_in_face: np.ndarray) -> tuple:
+        mapped = corners_in_face @ wide[:2, :2].T + wide[:2, 2]
+        lo, hi = np.floor(mapped.min(axis=0) + 1e-6), np.ceil(mapped.max(axis=0) - 1e-6)
+        return int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])
+
+    n = float(DLIB_CHIP_SIZE)
+    square = np.array([[0, 0], [n, 0], [0, n], [n, n]], np.float64)
+    standard = np.linalg.inv(np.vstack([dlib_chip_transform(face), [0.0, 0.0, 1.0]]))  # dlib chip -> face
+    dlib_corners = square @ standard[:2, :2].T + standard[:2, 2]
+    a = float(arcface)
+    return {"dlib": box(dlib_corners), "arcface": box(np.array([[0, 0], [a, 0], [0, a], [a, a]], np.float64))}

@@ -1,5 +1,8 @@
 """Dataset converters (command line).
 
+  python -m facekd_jax.data.convert align --lfw=DIR --output=OUT [--box=67,80,175,187] [--workers N]
+  python -m facekd_jax.data.convert align --input=DIR --output=OUT --box=l,t,r,b
+
   python -m facekd_jax.data.convert --input folder:DIR[@l,t,r,b]|recordio:DIR --output-format recordio|tfds \\
       --output OUT [--image-size 112] [--overwrite] [--workers N]
   python -m facekd_jax.data.convert pairs-to-bin --pairs PAIRS_TXT --images DIR [--crop l,t,r,b] \\
@@ -310,6 +313,96 @@ def pairs_to_bin(pairs_txt: str, images_dir: str, output: str, *, image_size: in
                 output=output)
 
 
+# ----------------------------------------------------------------------------------------------------- align
+
+# dlib's frontal face detector's median box on LFW's 250x250 deep-funnelled images (the faces sit where the funnel
+# put them): the box the shape predictor is given there.
+LFW_FACE_BOX = (67, 80, 175, 187)
+
+
+def align_images(images_dir: str, output: str, *, box, size: Optional[int] = None, padding: Optional[float] = None,
+                 overwrite: bool = False, workers: Optional[int] = None, progress: bool = True,
+                 copy_files: Sequence[str] = (), images_subdir: str = "") -> dict:
+    """Every image under `images_dir` (any depth; one sub-folder per person) aligned by dlib's five landmarks
+    (data.shape_predictor, found in the face `box`) into a wide dlib chip (data.align: COPY_SIZE, COPY_PADDING)
+    from which both dlib's descriptor chip and the ArcFace crop are cut (`align.chip_boxes`), written as JPEG under
+    the same relative path in OUT/images_subdir, with OUT/alignment.json saying so; `copy_files` are copied into
+    OUT as they are (LFW's protocol files). An image that cannot be decoded or aligned is written as its box,
+    resized, and named in alignment.json's "failed" and the log: never dropped (pairs stay complete).
+    Written to OUT.tmp-PID and renamed into place. Returns a summary dict."""
+    import json
+
+    from facekd_jax.data import align, shape_predictor
+    from facekd_jax.data.folder import is_image_file
+
+    size = align.COPY_SIZE if size is None else int(size)
+    padding = align.COPY_PADDING if padding is None else float(padding)
+    output = os.path.abspath(output)
+    _check_output(output, overwrite)
+    files = sorted(os.path.relpath(os.path.join(d, f), images_dir) for d, _, fs in os.walk(images_dir)
+                   for f in fs if is_image_file(f))
+    if not files:
+        raise ConvertError(f"--input {images_dir}: no images")
+    predictor = shape_predictor.read_shape_predictor(shape_predictor.find_shape_predictor())
+    failed: List[dict] = []
+
+    def work(rel: str):
+        path = os.path.join(images_dir, rel)
+        try:
+            with open(path, "rb") as f:
+                image = images_lib.decode_rgb(f.read(), name=path)
+            landmarks = predictor.predict(image, box)
+            chip = align.dlib_face_chip(image, np.floor(align._check_landmarks(landmarks, path) + 0.5), size, padding)
+            return encode_jpeg(chip), None
+        except (ValueError, OSError) as e:  # undecodable, or degenerate landmarks: the box instead, and named
+            try:
+                with open(path, "rb") as f:
+                    fallback = prepare_image(f.read(), image_size=size, crop=tuple(box), name=path)
+            except (ValueError, OSError):
+                fallback = encode_jpeg(np.zeros((size, size, 3), np.uint8))
+            return fallback, f"{type(e).__name__}: {e}"
+
+    from tqdm import tqdm
+
+    tmp = f"{output}.tmp-{os.getpid()}"
+    _remove(tmp)
+    try:
+        with tqdm(total=len(files), unit="img", desc="align", disable=not progress, mininterval=1.0) as bar:
+            for rel, (data, error) in zip(files, _ordered_map(work, iter(files), workers=workers or 2)):
+                target = os.path.join(tmp, images_subdir, rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(data)
+                if error:
+                    failed.append({"image": rel, "error": error})
+                    log.warning("could not align %s (%s): its box %s is stored instead", rel, error, list(box))
+                bar.update(1)
+        for name in copy_files:
+            shutil.copy2(name, os.path.join(tmp, os.path.basename(name)))
+        record = {"template": "wide dlib chip", "size": size, "padding": padding,
+                  "boxes": {k: list(v) for k, v in align.chip_boxes(size, padding).items()},
+                  "face_box": list(box), "source": os.path.abspath(images_dir), "images": len(files),
+                  "failed": failed}
+        with open(os.path.join(tmp, align.ALIGNMENT), "w") as f:
+            json.dump(record, f, indent=2)
+        _publish(tmp, output, overwrite)
+    finally:
+        _remove(tmp)
+    log.info("aligned %d images into %s (%d could not be aligned: their boxes stored, named in %s)",
+             len(files) - len(failed), output, len(failed), align.ALIGNMENT)
+    return dict(images=len(files), failed=failed, output=output)
+
+
+def align_lfw(lfw_dir: str, output: str, *, box=LFW_FACE_BOX, **kwargs) -> dict:
+    """LFW's folder (DIR/lfw-deepfunneled and its protocol files) aligned into the same layout at OUT, so that
+    every LFW spec (lfw:, lfw-all:, lfw-view2:, lfw-dev:) reads the aligned copy as it reads the original."""
+    images = os.path.join(lfw_dir, specs.LFW_IMAGES)
+    if not os.path.isdir(images):
+        raise FileNotFoundError(f"--lfw={lfw_dir}: {images} not found (expected LFW's folder)")
+    texts = sorted(os.path.join(lfw_dir, f) for f in os.listdir(lfw_dir) if f.endswith(".txt"))
+    return align_images(images, output, box=box, copy_files=texts, images_subdir=specs.LFW_IMAGES, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
@@ -351,13 +444,38 @@ def _bin_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _align_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m facekd_jax.data.convert align",
+                                description="Align every face by dlib's 5 landmarks (pure NumPy) into wide dlib chips "
+                                "from which both dlib's descriptor chip and the ArcFace crop are cut.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--lfw", help="LFW's folder (lfw-deepfunneled and the protocol files): OUT gets the layout")
+    where.add_argument("--input", help="a folder of images, one sub-folder per person")
+    p.add_argument("--box", type=_crop_arg, default=None, help="the face box l,t,r,b the landmarks are found in "
+                   f"(LFW: {','.join(map(str, LFW_FACE_BOX))}, dlib's detector's median there)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry; returns the exit status (0 ok, 2 on a user error, which is logged naming the path)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if argv and argv[0] == "pairs-to-bin":
+        if argv and argv[0] == "align":
+            a = _align_parser().parse_args(argv[1:])
+            kwargs = dict(overwrite=a.overwrite, workers=a.workers, progress=not a.no_progress)
+            if a.lfw:
+                align_lfw(a.lfw, a.output, box=a.box or LFW_FACE_BOX, **kwargs)
+            elif a.box is None:
+                raise ConvertError("align --input=DIR needs --box=l,t,r,b (where the faces are)")
+            else:
+                align_images(a.input, a.output, box=a.box, **kwargs)
+        elif argv and argv[0] == "pairs-to-bin":
             a = _bin_parser().parse_args(argv[1:])
             pairs_to_bin(a.pairs, a.images, a.output, image_size=a.image_size, crop=a.crop, overwrite=a.overwrite,
                          workers=a.workers, progress=not a.no_progress)

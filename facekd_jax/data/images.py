@@ -73,6 +73,12 @@ def _crop_resize_np(img: np.ndarray, image_size: int, crop: Crop) -> np.ndarray:
     return _crop_resize_graph(int(image_size), None if crop is None else tuple(crop))(img).numpy()
 
 
+def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Encoded image bytes -> uint8 [H, W, 3] RGB at the image's own size (the alignment converter's input).
+    Raises ImageDecodeError naming `name`."""
+    return _pil_decode(data, name)
+
+
 def decode_image_np(data: bytes, *, image_size: int, crop: Crop = None, name: str = "<bytes>") -> np.ndarray:
     """Encoded image bytes -> uint8 [image_size, image_size, 3] RGB (eager; for converters and small sets).
 

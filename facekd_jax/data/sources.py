@@ -137,7 +137,7 @@ def _file_source(paths: List[str], labels: np.ndarray, class_names: List[str], c
 def folder_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
     """DIR/<person>/<image>: labels from the sorted sub-folder names (facekd_jax.data.folder.list_folder)."""
     from facekd_jax.data.folder import list_folder
-    root, crop = spec.path, spec.crop
+    root, crop = spec.path, specs_lib.default_crop(spec)
     paths, labels, class_names = list_folder(root)
     return _file_source(paths, labels, class_names, crop,
                         f"folder {root}: {len(paths)} images of {len(class_names)} people"
@@ -177,7 +177,7 @@ def lfw_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
     split's people (data.lfw_dev): `lfw:` those with >= 2 images, `lfw-all:` all of them."""
     from facekd_jax.data import lfw_dev
 
-    root, crop, min_images = spec.path, spec.crop_or_default, 2 if spec.kind == "lfw" else 1
+    root, crop, min_images = spec.path, specs_lib.default_crop(spec), 2 if spec.kind == "lfw" else 1
     people_txt = os.path.join(root, "peopleDevTrain.txt")
     images_dir = os.path.join(root, LFW_IMAGES)
     for p in (people_txt, images_dir):
@@ -202,7 +202,7 @@ def lfw_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
 def recordio_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
     """insightface train.rec via recordio.read_insightface; image bytes are sliced from a memory map."""
     from facekd_jax.data.recordio import read_insightface
-    root, crop = spec.path, spec.crop
+    root, crop = spec.path, specs_lib.default_crop(spec)
     index = read_insightface(root)
 
     def read_np(i: np.ndarray) -> np.ndarray:

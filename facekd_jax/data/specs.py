@@ -96,8 +96,8 @@ class SpecError(InputError):
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """A parsed data spec. path: the kind's folder, file, glob or name ('' for synthetic without options);
-    options: the further ':'-fields (strings); crop: the box cut before resizing, or None (the kind's default
-    applies: `crop_or_default`)."""
+    options: the further ':'-fields (strings); crop: the box cut before resizing, or None (`default_crop` applies:
+    an aligned copy's, or the kind's)."""
     kind: str
     path: str = ""
     options: Tuple[str, ...] = ()
@@ -112,16 +112,26 @@ class DataSpec:
     def info(self) -> Kind:
         return KINDS[self.kind]
 
-    @property
-    def crop_or_default(self) -> Crop:
-        return self.crop or self.info.default_crop
-
     def replace(self, **changes) -> "DataSpec":
         return dataclasses.replace(self, **changes)
 
     def is_url(self) -> bool:
         from facekd_jax import paths
         return paths.is_url(self.path) or any(paths.is_url(o) for o in self.options)
+
+
+def default_crop(spec: DataSpec, template: str = "arcface") -> Crop:
+    """The crop a reader cuts where the spec names none: in an aligned copy (python -m facekd_jax.data.convert
+    align; its alignment.json) the box of `template`'s crop within its chips, else the kind's default (LFW's
+    deep-funnelled box) or None."""
+    if spec.crop:
+        return spec.crop
+    if spec.path and not spec.is_url():
+        from facekd_jax.data import align
+        box = align.aligned_crop(spec.path, template)
+        if box is not None:
+            return box
+    return spec.info.default_crop
 
 
 def syntax(role: str) -> str:

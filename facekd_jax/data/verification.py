@@ -308,7 +308,7 @@ def lfw_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarra
     if not os.path.isdir(spec.path):
         raise FileNotFoundError(f"LFW folder not found: {spec.path} (spec {str(spec)!r})")
     return load_pairs(os.path.join(spec.path, LFW_PAIRS[spec.kind]), _lfw_dirs(spec.path), image_size=image_size,
-                      crop=spec.crop_or_default)
+                      crop=specs_lib.default_crop(spec))
 
 
 def lfw_dev_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -319,7 +319,7 @@ def lfw_dev_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.nd
         raise FileNotFoundError(f"LFW folder not found: {spec.path} (spec {str(spec)!r})")
     pairs = lfw_dev.dev_pairs(spec.path)
     paths = pair_image_paths(pairs, _lfw_dirs(spec.path), pairs_txt=f"{spec.path} development pairs")
-    images = decode_paths(paths, image_size=image_size, crop=spec.crop_or_default)
+    images = decode_paths(paths, image_size=image_size, crop=specs_lib.default_crop(spec))
     return images, np.array([p.issame for p in pairs], dtype=bool)
 
 

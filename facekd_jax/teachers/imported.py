@@ -33,10 +33,23 @@ class TeacherRun:
     embedding_size: int
     crops: Dict[str, Tuple[int, int, int, int]]   # data kind ("lfw") -> the crop the teacher expects there
     imported: bool
+    template: str = "arcface"   # the aligned crop it takes (data.align): dlib's descriptor its own "dlib" chip
 
     def crop_for(self, spec: str) -> Optional[Tuple[int, int, int, int]]:
-        """The teacher's own crop for a data spec's kind ("lfw-all" as "lfw"; None: use the spec's own crop)."""
-        kind = spec.split(":", 1)[0]
+        """The teacher's own crop for a data spec: in an aligned copy its template's box within the chips, else
+        the crop teacher.json names for the spec's kind ("lfw-all" as "lfw"); None: the spec's own crop."""
+        from facekd_jax.data import specs
+
+        try:
+            parsed = specs.parse(spec, specs.TRAIN)
+        except specs.SpecError:
+            parsed = specs.parse(spec, specs.VERIFICATION)
+        if parsed.path and not parsed.is_url():
+            from facekd_jax.data import align
+            box = align.aligned_crop(parsed.path, self.template)
+            if box is not None:
+                return box
+        kind = parsed.kind
         return self.crops.get(kind) or self.crops.get(kind.split("-")[0])
 
 
@@ -60,16 +73,19 @@ def read_teacher_run(workdir: str) -> TeacherRun:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a run config ({type(e).__name__}: {e})") from e
     crops: Dict[str, Tuple[int, int, int, int]] = {}
+    template = "arcface"
     meta_path = os.path.join(workdir, TEACHER_JSON)
     imported = os.path.isfile(meta_path)
     if imported:
         try:
             with open(meta_path) as f:
-                crops = {k: tuple(int(v) for v in box) for k, box in json.load(f).get("crops", {}).items()}
+                meta = json.load(f)
+            crops = {k: tuple(int(v) for v in box) for k, box in meta.get("crops", {}).items()}
+            template = str(meta.get("template", "dlib" if model == "dlib_resnet29" else template))
         except (OSError, ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from e
     return TeacherRun(workdir=os.path.abspath(workdir), model=model, image_size=image_size,
-                      embedding_size=embedding_size, crops=crops, imported=imported)
+                      embedding_size=embedding_size, crops=crops, imported=imported, template=template)
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
@@ -180,7 +196,7 @@ def import_dlib(out: str, *, weights: Optional[str] = None, log=log.info) -> Tea
             embedding_size=width, meta={
                 "normalisation": "pixel - (122.782, 117.001, 104.298), / 256 (inside the model; inputs as every "
                                  "model's)",
-                "crops": {"lfw": list(dlib_format.DLIB_CROP)},
+                "crops": {"lfw": list(dlib_format.DLIB_CROP)}, "template": "dlib",
                 "note": "dlib's face descriptor (public domain); compare by Euclidean distance, same person below "
                         "0.6"})
 

@@ -182,7 +182,7 @@ def import_insightface(out: str, weights: str, *, arch: Optional[str] = None, lo
         net = read_insightface(path)
         model, variables, notes = to_flax_variables(net, arch)
         meta = {**INPUT_CONTRACT, "compare": f"cosine similarity of the {notes['embedding_size']}-d embeddings",
-                "format": net.fmt, **notes, "crops": {},
+                "format": net.fmt, **notes, "crops": {}, "template": "arcface",
                 "note": "insightface arcface_torch iResNet; check the weights' licence (insightface's published "
                         "models are for non-commercial research only)"}
         return imported.ImportedNetwork(model=model, variables=variables, image_size=IMAGE_SIZE,
