@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lfw-dlib install clean
+.PHONY: demo test lfw-dlib lfw-aligned lfw-dlib-sweep install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ demo: $(STAMP)
 LFW ?= ../shared/data/lfw
 lfw-dlib: $(STAMP)
 	$(PY) -m facekd_jax.suite --config=configs/lfw_dlib.py:data.root=$(LFW) --workdir=runs/lfw_dlib --seeds=3
+
+# LFW aligned by dlib's five landmarks (python -m facekd_jax.data.convert align; about 15 minutes on 2 cores), where
+# configs/lfw_dlib.py reads it.
+lfw-aligned: runs/lfw_aligned
+runs/lfw_aligned: | $(STAMP)
+	$(PY) -m facekd_jax.data.convert align --lfw=$(LFW) --output=$@ --no-progress
+
+# Every setting configs/lfw_dlib.py lists under SWEEP, on LFW's development split (docs/results.md).
+lfw-dlib-sweep: $(STAMP) runs/lfw_aligned
+	$(PY) -m facekd_jax.sweep --config=configs/lfw_dlib.py --workdir=runs/lfw_dlib_sweep
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=20 tests

@@ -142,9 +142,10 @@ class Teacher:
     record: Optional[Dict[str, Any]] = None
 
 
-def get_teacher(table: Table, workdir: str, *, teacher_dir: Optional[str], log) -> Optional[Teacher]:
+def get_teacher(table: Table, workdir: str, *, teacher_dir: Optional[str], log, split: str = "test"
+                ) -> Optional[Teacher]:
     """The teacher of the table: --teacher=DIR as it is, an import (`import:dlib`) into DIR/teacher_dlib, or the
-    table's teacher run trained in DIR/<run>; None for a table without one."""
+    table's teacher run trained in DIR/<run> (evaluated on `split`'s pairs); None for a table without one."""
     from facekd_jax.teachers.imported import import_dlib, read_teacher_run
 
     source = table.suite.teacher
@@ -160,7 +161,8 @@ def get_teacher(table: Table, workdir: str, *, teacher_dir: Optional[str], log) 
     if not source:
         return None
     out = os.path.join(workdir, source)
-    record = train_run(source, table.suite.descriptions.get(source, source), table.config(source), out, log)
+    record = train_run(source, table.suite.descriptions.get(source, source), table.config(source, split=split), out,
+                       log)
     return Teacher(out, read_teacher_run(out), record)
 
 
@@ -266,7 +268,7 @@ def _run_suite(config: str, workdir: str, *, runs, seeds, students, teacher_dir,
     needs = [table.config(r) for r in rows]
     teacher = None
     if any(c.teacher.model for c in needs) or suite.teacher in wanted or teacher_dir:
-        teacher = get_teacher(table, workdir, teacher_dir=teacher_dir, log=log)
+        teacher = get_teacher(table, workdir, teacher_dir=teacher_dir, log=log, split=split)
     plan = {}  # (student, seed, run) -> config
     for student in (students or [None]):
         for seed in range(seeds):

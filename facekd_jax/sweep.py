@@ -7,7 +7,8 @@ the table with the entry's settings, on the development split (`suite.run_suite(
 held-out people, data.lfw_dev; the reported pairs cannot be read), in WORKDIR/<entry>. The table of every entry and
 run (development accuracy, the lift over that entry's baseline with McNemar's p, EER) is written to
 WORKDIR/sweep.md and sweep.json; the settings a table reports are chosen from it. Entries resume and finished
-runs are reused, as in the suite.
+runs are reused, as in the suite. A sweep varies the students: every entry is taught by the table's teacher as
+written, imported or trained once in WORKDIR (or --teacher=DIR), with a cache per training set it uses.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def entries(config: str) -> Dict[str, tuple]:
 
 
 def run_sweep(config: str, workdir: str, *, names: Optional[Sequence[str]] = None, seeds: int = 1,
-              log: Callable[[str], None] = print) -> Dict[str, Any]:
+              teacher_dir: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Runs the SWEEP entries `names` (default all) of the table file `config` on the development split; writes
     and returns {"rows": [...], "markdown"}."""
     from facekd_jax import suite
@@ -39,13 +40,15 @@ def run_sweep(config: str, workdir: str, *, names: Optional[Sequence[str]] = Non
     unknown = sorted(set(names or []) - set(sweep))
     if unknown:
         raise ValueError(f"unknown sweep entries {unknown}; {path} has: {', '.join(sweep)}")
+    teacher = suite.get_teacher(suite.load_table(config), workdir, teacher_dir=teacher_dir, log=log, split="dev")
     rows: List[Dict[str, Any]] = []
     for name in names or list(sweep):
         runs, arg = sweep[name]
         full = ",".join(a for a in (base_arg, arg) if a)
         log(f"=== sweep entry {name}: {', '.join(runs)} with {full or 'the table as written'} ===")
         summary = suite.run_suite(f"{path}:{full}" if full else path, os.path.join(workdir, name), runs=list(runs),
-                                  seeds=seeds, split="dev", log=log)
+                                  seeds=seeds, split="dev", teacher_dir=teacher.workdir if teacher else None,
+                                  log=log)
         for student, table in summary["students"].items():
             for run, row in table["rows"].items():
                 if run == "teacher":
@@ -80,12 +83,14 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--entries", default="", help="comma-separated subset of the SWEEP's entries")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--teacher", default="", help="a teacher's folder to use as it is (default: the table's, "
+                        "imported or trained in WORKDIR)")
     args = parser.parse_args(argv)
     from facekd_jax import errors, logs
     logs.start_process(workdir=args.workdir)
     with errors.command_line():
         run_sweep(args.config, args.workdir, names=[e for e in args.entries.split(",") if e] or None,
-                  seeds=args.seeds)
+                  seeds=args.seeds, teacher_dir=args.teacher or None)
 
 
 if __name__ == "__main__":

@@ -133,3 +133,36 @@ def test_real_teacher_table_at_toy_size_aggregates_seeds_and_has_the_label_free_
     logs = []
     suite.run_suite(f"{LFW_DLIB}:{arg}", str(tmp_path / "w"), **dict(kwargs, runs=["baseline"], log=logs.append))
     assert any("reused" in line for line in logs)
+
+
+def test_a_sweep_compares_its_entries_on_the_development_pairs_with_one_teacher(tmp_path, lfw_dir, one_device):
+    """python -m facekd_jax.sweep: each SWEEP entry's runs trained with its settings, evaluated on LFW's
+    development pairs (the reported pairs cannot be read meanwhile), all taught by the one teacher; sweep.json's
+    lift is each run against its own entry's baseline."""
+    from facekd_jax import sweep
+    from test_teacher_cache import WIDTH, make_teacher_run
+
+    table = tmp_path / "table.py"
+    table.write_text(f"from facekd_jax import config_lib\n_t = config_lib.load_module({LFW_DLIB!r})\n"
+                     "RUNS, SUITE, get_config = _t.RUNS, _t.SUITE, _t.get_config\n"
+                     "SWEEP = {'two': (('baseline', 'label_free_kd'), 'num_train_steps=2'),\n"
+                     "         'three': (('baseline', 'label_free_kd'), 'num_train_steps=3,optimizer.lr=0.01')}\n")
+    make_teacher_run(tmp_path / "teacher")
+    arg = f"tiny,embedding_size={WIDTH},data.root={lfw_dir},data.val_targets=('lfw:{{root}}',)"
+    result = sweep.run_sweep(f"{table}:{arg}", str(tmp_path / "w"), teacher_dir=str(tmp_path / "teacher"),
+                             log=lambda *_: None)
+    rows = json.loads((tmp_path / "w" / "sweep.json").read_text())["rows"]
+    assert rows == json.loads(json.dumps(result["rows"]))
+    assert [(r["entry"], r["run"]) for r in rows] == [("two", "baseline"), ("two", "label_free_kd"),
+                                                      ("three", "baseline"), ("three", "label_free_kd")]
+    for r in rows:
+        assert r["pairs"] == 1000   # LFW's development pairs (500 + 500), not the reported 1,000 of pairsDevTest
+        base = next(b for b in rows if b["entry"] == r["entry"] and b["run"] == "baseline")
+        assert r["lift"] == pytest.approx(r["accuracy_mean"] - base["accuracy_mean"])
+    for entry, steps in (("two", 2), ("three", 3)):
+        config = json.loads((tmp_path / "w" / entry / "resnet8" / "seed0" / "label_free_kd" / "config.json")
+                            .read_text())
+        assert config["num_train_steps"] == steps and config["data"]["val_targets"] == ["lfw-dev:{root}"]
+        assert config["teacher"]["workdir"] == str(tmp_path / "teacher")
+    assert not list((tmp_path / "w").glob("*/teacher*"))   # no entry imported or trained a teacher of its own
+    assert "| three | " in (tmp_path / "w" / "sweep.md").read_text()
