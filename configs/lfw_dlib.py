@@ -71,6 +71,7 @@ def get_config(arg: str = ""):
     c.scale = 32.0
     c.eval_batch_size = 250
     c.num_train_steps = 250
+    c.optimizer.schedule, c.optimizer.step_fractions = "step", (0.6, 0.85)   # x0.1 at 60% and 85% of the steps
     if c.teacher.model:  # a KD row: dlib's teacher through its centred embedding cache
         c.teacher.model = "dlib_resnet29"
         c.teacher.workdir = "runs/lfw_dlib/teacher_dlib"
@@ -80,5 +81,5 @@ def get_config(arg: str = ""):
         c.kd.ce_weight = 0.0
         c.data.train = "lfw-all:{root}"
     config_lib.apply_arg(c, arg)
-    config_lib.suite_budget(c, c.num_train_steps)
+    config_lib.suite_budget(c, c.num_train_steps, schedule=False)
     return c

@@ -132,13 +132,15 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
 SIZES: Dict[str, Callable[[ml_collections.ConfigDict], None]] = {"smoke": _smoke, "tiny": _tiny}
 
 
-def suite_budget(c: ml_collections.ConfigDict, steps: int) -> None:
+def suite_budget(c: ml_collections.ConfigDict, steps: int, *, schedule: bool = True) -> None:
     """`steps` and what a comparison table derives from them, the same for every model of a table: SGD with 5%
-    warmup and x0.1 at 60% and 85% of the steps, one evaluation at the end (same pairs, same point for every
-    model), a checkpoint every third of the run, no best-checkpoint tracking."""
+    warmup and (schedule=True) x0.1 at 60% and 85% of the steps, one evaluation at the end (same pairs, same point
+    for every model), a checkpoint every third of the run, no best-checkpoint tracking. schedule=False keeps the
+    config's optimizer.schedule and step_fractions (a table that sweeps them sets them itself)."""
     c.num_train_steps = steps
-    c.optimizer.schedule = "step"
-    c.optimizer.step_fractions = (0.6, 0.85)
+    if schedule:
+        c.optimizer.schedule = "step"
+        c.optimizer.step_fractions = (0.6, 0.85)
     c.optimizer.warmup_steps = max(steps // 20, 0)
     c.log_every_steps = max(steps // 10, 1)
     c.eval_every_steps = -1

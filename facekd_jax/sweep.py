@@ -3,7 +3,8 @@
   python -m facekd_jax.sweep --config=configs/lfw_dlib.py --workdir=runs/lfw_dlib_sweep [--entries=a,b] [--seeds=1]
 
 A table's file declares `SWEEP = {name: (runs, "key=value,...")}`: for each entry the suite trains those runs of
-the table with the entry's settings, on the development split (`suite.run_suite(..., split="dev")`: LFW's
+the table and its baseline with the entry's settings (a baseline with the same config as another entry's is that
+one, linked, not trained again), on the development split (`suite.run_suite(..., split="dev")`: LFW's
 held-out people, data.lfw_dev; the reported pairs cannot be read), in WORKDIR/<entry>. The table of every entry and
 run (development accuracy, the lift over that entry's baseline with McNemar's p, EER) is written to
 WORKDIR/sweep.md and sweep.json; the settings a table reports are chosen from it. Entries resume and finished
@@ -45,6 +46,10 @@ def run_sweep(config: str, workdir: str, *, names: Optional[Sequence[str]] = Non
     for name in names or list(sweep):
         runs, arg = sweep[name]
         full = ",".join(a for a in (base_arg, arg) if a)
+        table = suite.Table(path=path, arg=full, module=suite.load_table(path).module)
+        if table.suite.baseline not in runs:
+            runs = (table.suite.baseline, *runs)
+            _share_baseline(table, os.path.join(workdir, name), workdir, seeds, log)
         log(f"=== sweep entry {name}: {', '.join(runs)} with {full or 'the table as written'} ===")
         summary = suite.run_suite(f"{path}:{full}" if full else path, os.path.join(workdir, name), runs=list(runs),
                                   seeds=seeds, split="dev", teacher_dir=teacher.workdir if teacher else None,
@@ -75,6 +80,30 @@ def run_sweep(config: str, workdir: str, *, names: Optional[Sequence[str]] = Non
         f.write(markdown)
     log(markdown)
     return {"rows": rows, "markdown": markdown}
+
+
+def _share_baseline(table, entry_dir: str, workdir: str, seeds: int, log) -> None:
+    """An entry that varies only what its baseline ignores (KD weights, temperature, the teacher's centring)
+    compares with a baseline another entry trained with the same config: linked into entry_dir, where the suite
+    finds it finished (its suite_run.json names the config) and reuses it instead of training it again."""
+    from facekd_jax import suite
+
+    for seed in range(seeds):
+        config = table.config(table.suite.baseline, seed=seed, split="dev")
+        key, tail = suite._config_key(config), os.path.join(config.model, f"seed{seed}", table.suite.baseline)
+        mine = os.path.join(entry_dir, tail)
+        if os.path.lexists(mine):
+            continue
+        for other in sorted(os.listdir(workdir) if os.path.isdir(workdir) else []):
+            found = os.path.join(workdir, other, tail)
+            record = os.path.join(found, "suite_run.json")
+            if found != mine and not os.path.islink(found) and os.path.isfile(record):
+                with open(record) as f:
+                    if json.load(f).get("config") == key:
+                        os.makedirs(os.path.dirname(mine), exist_ok=True)
+                        os.symlink(os.path.relpath(found, os.path.dirname(mine)), mine)
+                        log(f"{mine}: the same baseline as {found}, linked")
+                        break
 
 
 def main(argv=None) -> None:

@@ -136,33 +136,43 @@ def test_real_teacher_table_at_toy_size_aggregates_seeds_and_has_the_label_free_
 
 
 def test_a_sweep_compares_its_entries_on_the_development_pairs_with_one_teacher(tmp_path, lfw_dir, one_device):
-    """python -m facekd_jax.sweep: each SWEEP entry's runs trained with its settings, evaluated on LFW's
-    development pairs (the reported pairs cannot be read meanwhile), all taught by the one teacher; sweep.json's
-    lift is each run against its own entry's baseline."""
+    """python -m facekd_jax.sweep: each SWEEP entry's runs and its baseline trained with its settings, evaluated on
+    LFW's development pairs (the reported pairs cannot be read meanwhile), all taught by the one teacher; an
+    entry whose baseline is another's is linked to it, not trained again; sweep.json's lift is each run against
+    its own entry's baseline."""
     from facekd_jax import sweep
     from test_teacher_cache import WIDTH, make_teacher_run
 
     table = tmp_path / "table.py"
     table.write_text(f"from facekd_jax import config_lib\n_t = config_lib.load_module({LFW_DLIB!r})\n"
                      "RUNS, SUITE, get_config = _t.RUNS, _t.SUITE, _t.get_config\n"
-                     "SWEEP = {'two': (('baseline', 'label_free_kd'), 'num_train_steps=2'),\n"
-                     "         'three': (('baseline', 'label_free_kd'), 'num_train_steps=3,optimizer.lr=0.01')}\n")
+                     "SWEEP = {'two': (('label_free_kd',), 'num_train_steps=2'),\n"
+                     "         'two_uncentred': (('label_free_kd',), 'num_train_steps=2,teacher.centre=False'),\n"
+                     "         'three': ((), 'num_train_steps=3')}\n")
     make_teacher_run(tmp_path / "teacher")
     arg = f"tiny,embedding_size={WIDTH},data.root={lfw_dir},data.val_targets=('lfw:{{root}}',)"
+    logs = []
     result = sweep.run_sweep(f"{table}:{arg}", str(tmp_path / "w"), teacher_dir=str(tmp_path / "teacher"),
-                             log=lambda *_: None)
+                             log=logs.append)
     rows = json.loads((tmp_path / "w" / "sweep.json").read_text())["rows"]
     assert rows == json.loads(json.dumps(result["rows"]))
-    assert [(r["entry"], r["run"]) for r in rows] == [("two", "baseline"), ("two", "label_free_kd"),
-                                                      ("three", "baseline"), ("three", "label_free_kd")]
+    assert [(r["entry"], r["run"]) for r in rows] == [
+        ("two", "baseline"), ("two", "label_free_kd"), ("two_uncentred", "baseline"),
+        ("two_uncentred", "label_free_kd"), ("three", "baseline")]
     for r in rows:
-        assert r["pairs"] == 1000   # LFW's development pairs (500 + 500), not the reported 1,000 of pairsDevTest
+        assert r["pairs"] == 1000   # LFW's development pairs (500 + 500)
         base = next(b for b in rows if b["entry"] == r["entry"] and b["run"] == "baseline")
         assert r["lift"] == pytest.approx(r["accuracy_mean"] - base["accuracy_mean"])
-    for entry, steps in (("two", 2), ("three", 3)):
-        config = json.loads((tmp_path / "w" / entry / "resnet8" / "seed0" / "label_free_kd" / "config.json")
-                            .read_text())
-        assert config["num_train_steps"] == steps and config["data"]["val_targets"] == ["lfw-dev:{root}"]
+    seed0 = "resnet8/seed0"
+    for entry, steps, centre in (("two", 2, True), ("two_uncentred", 2, False)):
+        config = json.loads((tmp_path / "w" / entry / seed0 / "label_free_kd" / "config.json").read_text())
+        assert (config["num_train_steps"], config["teacher"]["centre"]) == (steps, centre)
+        assert config["data"]["val_targets"] == ["lfw-dev:{root}"]
         assert config["teacher"]["workdir"] == str(tmp_path / "teacher")
+    # The uncentred entry's baseline is the first entry's, linked; the three-step one is its own.
+    linked = tmp_path / "w" / "two_uncentred" / seed0 / "baseline"
+    assert linked.is_symlink() and linked.resolve() == (tmp_path / "w" / "two" / seed0 / "baseline").resolve()
+    assert not (tmp_path / "w" / "three" / seed0 / "baseline").is_symlink()
+    assert sum(line.startswith("== resnet8 seed 0 baseline") and "reused" not in line for line in logs) == 2
     assert not list((tmp_path / "w").glob("*/teacher*"))   # no entry imported or trained a teacher of its own
     assert "| three | " in (tmp_path / "w" / "sweep.md").read_text()
