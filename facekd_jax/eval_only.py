@@ -2,6 +2,7 @@
 
   python -m facekd_jax.main --config=configs/feature_kd.py --workdir=runs/fkd --mode=eval \
       "--config.data.val_targets=('lfw-view2:../shared/data/lfw',)"
+  ... "--config.data.val_targets=('insightface:/data/faces_emore','ijbc:/data/IJB_release/IJBC')"
 
 The architecture comes from the run (WORKDIR/config.json, facekd_jax.rundir); the verification sets, the batch size
 and the CPU kernels from the config. Results go to WORKDIR/eval/ (results.json, roc.png), printed as arcface_torch
@@ -18,6 +19,7 @@ from facekd_jax import evaluate as eval_lib
 from facekd_jax import paths, rundir, sharding
 from facekd_jax import step as step_lib
 from facekd_jax import train
+from facekd_jax.data import specs, verification
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: str = "latest") -> Dict[str, Any]:
@@ -38,6 +40,13 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: 
     targets = train.load_val_targets(config)
     results = eval_lib.evaluate_targets(model.apply, model.variables, targets, step=model.step,
                                         batch_size=config.eval_batch_size, mesh=mesh, log=print)
+    # Sets with a protocol of their own (IJB-B/C: templates of raw, flip-summed, score-weighted features).
+    for spec in verification.protocol_specs(config.data.val_targets, root=config.data.root):
+        evaluate_set = spec.info.reader(specs.VERIFICATION)
+        results[specs.name(spec)] = evaluate_set(
+            spec, eval_lib.raw_embedder(model.apply, model.variables, mesh=mesh),
+            image_size=config.data.image_size, batch_size=config.eval_batch_size, work_dir=f"{workdir}/eval",
+            log=print)
     if jax.process_index() == 0:
         eval_lib.write_results(f"{workdir}/eval", results, step=model.step)
     return {"step": model.step, "results": results}

@@ -31,22 +31,26 @@ FMR_TARGETS = {"1e-2": 1e-2, "1e-3": 1e-3, "1e-4": 1e-4}
 ROC_POINTS = 200  # at most this many ROC vertices are kept (log-spaced in FMR)
 
 __all__ = [
-    "ACCURACY_THRESHOLDS", "VAL_THRESHOLDS", "FMR_TARGETS", "embed", "embed_program", "verify", "mcnemar",
-    "bootstrap_ci",
+    "ACCURACY_THRESHOLDS", "VAL_THRESHOLDS", "FMR_TARGETS", "embed", "embed_program", "raw_embedder", "verify",
+    "mcnemar", "bootstrap_ci",
     "compare", "plot_roc", "evaluate_targets", "write_results",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------- embedding
 
+def _model_input(images: jax.Array) -> jax.Array:
+    """The model's input: uint8 [B,S,S,3] -> float32 (x - 127.5) / 127.5; float images are used as given."""
+    if images.dtype == jnp.uint8:
+        return (images.astype(jnp.float32) - 127.5) / 127.5
+    return images.astype(jnp.float32)
+
+
 def _build_embed_fn(apply_fn: Callable, flip: bool, mesh: jax.sharding.Mesh | None) -> Callable:
     """jitted (variables, images [B,S,S,3]) -> (L2-normalised embeddings [B,E] f32, mean norm [B] f32)."""
 
     def embed_batch(variables, images):
-        if images.dtype == jnp.uint8:
-            x = (images.astype(jnp.float32) - 127.5) / 127.5
-        else:
-            x = images.astype(jnp.float32)
+        x = _model_input(images)
         e = apply_fn(variables, x).astype(jnp.float32)
         norm = jnp.linalg.norm(e, axis=-1)
         if flip:  # insightface "Accuracy-Flip": embedding of the image plus that of its mirror
@@ -126,6 +130,56 @@ def embed(apply_fn: Callable, variables: Any, images, *, batch_size: int = 256, 
     Returns np.float32 [N, E], L2-normalised rows.
     """
     return _embed_with_norms(apply_fn, variables, images, batch_size=batch_size, flip=flip, mesh=mesh)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _raw_embed_program(apply_fn: Callable, mesh: jax.sharding.Mesh | None) -> Callable:
+    """jitted (variables, images [B,S,S,3]) -> the model's embeddings [B,E] float32, not normalised."""
+
+    def embed_raw(variables, images):
+        return apply_fn(variables, _model_input(images)).astype(jnp.float32)
+
+    if mesh is None:
+        return jax.jit(embed_raw)
+    return jax.jit(embed_raw, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def raw_embedder(apply_fn: Callable, variables: Any, *, mesh: jax.sharding.Mesh | None = None
+                 ) -> Callable[[np.ndarray], np.ndarray]:
+    """A function (images uint8 or float [B,S,S,3]) -> embeddings np.float32 [B,E], neither flipped nor
+    normalised: for protocols that weigh and pool features before normalising (IJB-B/C, facekd_jax.data.ijb).
+
+    uint8 images are normalised (x - 127.5) / 127.5 as in `embed`. One compilation per batch shape: call it with
+    a fixed B (ijb pads its last batch). mesh: batches are sharded over its "data" axis (padded to a multiple of
+    its size here); None: the default device only.
+    """
+    try:
+        program = _raw_embed_program(apply_fn, mesh)
+    except TypeError:  # unhashable callable: compiled per embedder instead
+        program = _raw_embed_program.__wrapped__(apply_fn, mesh)
+    shards, batch_sharding = 1, None
+    if mesh is not None:
+        if "data" not in mesh.axis_names:
+            raise ValueError(f"raw_embedder: the mesh needs a 'data' axis, it has {mesh.axis_names}")
+        shards = mesh.shape["data"]
+        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+
+    def embed_raw(images) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 4:
+            raise ValueError(f"raw_embedder: images must be [B, H, W, C], got shape {images.shape}")
+        n = images.shape[0]
+        if n % shards:
+            pad = np.zeros((shards - n % shards,) + images.shape[1:], images.dtype)
+            images = np.concatenate([images, pad])
+        if batch_sharding is None:
+            batch = jax.device_put(images)
+        else:
+            batch = jax.make_array_from_callback(images.shape, batch_sharding, lambda idx: images[idx])
+        return np.asarray(program(variables, batch), np.float32)[:n]
+
+    return embed_raw
 
 
 # ------------------------------------------------------------------------------------------------ the protocol

@@ -37,7 +37,9 @@ class Kind:
     """One data kind. readers: {role: "module:function"}; the function takes (DataSpec, image_size=...) and
     returns what the role needs (a training source, or verification images and issame flags). syntax:
     {role: "kind:..."}. options: how many ':'-fields follow the path (min, max). url: COPY | IN_PLACE | LOCAL, or
-    None for a kind without a path. must_exist: the path is a local file system entry checked before a run."""
+    None for a kind without a path. must_exist: the path is a local file system entry checked before a run.
+    protocol: a verification set with a protocol of its own (IJB-B/C templates), not pairs of images: its reader is
+    (spec, embed_fn, *, image_size, batch_size, work_dir, log) -> results, run by --mode=eval only."""
     name: str
     readers: Dict[str, str]
     syntax: Dict[str, str]
@@ -47,6 +49,7 @@ class Kind:
     options: Tuple[int, int] = (0, 0)
     must_exist: bool = True
     takes_crop: bool = True
+    protocol: bool = False
 
     def reader(self, role: str) -> Callable[..., Any]:
         module, _, function = self.readers[role].partition(":")
@@ -54,6 +57,8 @@ class Kind:
 
 
 _SRC, _VER = "facekd_jax.data.sources", "facekd_jax.data.verification"
+# The verification sets insightface ships as .bin beside a training set, in arcface_torch's val_targets order.
+INSIGHTFACE_SETS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw", "cfp_ff", "vgg2_fp")
 
 KINDS: Dict[str, Kind] = {k.name: k for k in [
     Kind("synthetic", {TRAIN: f"{_SRC}:synthetic_source", VERIFICATION: f"{_VER}:synthetic_pairs"},
@@ -86,6 +91,15 @@ KINDS: Dict[str, Kind] = {k.name: k for k in [
     Kind("pairs", {VERIFICATION: f"{_VER}:txt_pairs"}, {VERIFICATION: "pairs:PAIRS_TXT:IMAGES_DIR[@l,t,r,b]"},
          "LFW-layout pairs file and image folder (image i of name: IMAGES_DIR/name/name_%04d.jpg)", url=LOCAL,
          options=(1, 1)),
+    Kind("insightface", {VERIFICATION: f"{_VER}:bin_pairs"}, {VERIFICATION: "insightface:DIR"},
+         "the .bin sets of an insightface training folder (faces_emore, ms1m-retinaface-t1, ...): each of "
+         f"{', '.join(INSIGHTFACE_SETS)} found in DIR, as bin:DIR/NAME.bin", url=LOCAL, takes_crop=False),
+    Kind("ijbc", {VERIFICATION: "facekd_jax.data.ijb:evaluate_spec"}, {VERIFICATION: "ijbc:DIR"},
+         "IJB-C 1:1 template verification, TAR at FAR 1e-6..1e-1 (insightface's IJB_release/IJBC: meta/, "
+         "loose_crop/); --mode=eval only", url=LOCAL, takes_crop=False, protocol=True),
+    Kind("ijbb", {VERIFICATION: "facekd_jax.data.ijb:evaluate_spec"}, {VERIFICATION: "ijbb:DIR"},
+         "IJB-B 1:1 template verification, as ijbc: (IJB_release/IJBB)", url=LOCAL, takes_crop=False,
+         protocol=True),
 ]}
 
 
@@ -218,6 +232,18 @@ def check_exists(spec: DataSpec, field: str) -> None:
     for path in (spec.path,) + (spec.options if spec.kind == "pairs" else ()):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{field}={spec}: {path} does not exist")
+
+
+def expand(spec: DataSpec) -> Tuple[DataSpec, ...]:
+    """The sets a verification spec stands for: `insightface:DIR` -> bin:DIR/NAME.bin for each of INSIGHTFACE_SETS
+    present (FileNotFoundError naming DIR and the names where none is); any other spec -> itself."""
+    if spec.kind != "insightface":
+        return (spec,)
+    found = tuple(DataSpec("bin", os.path.join(spec.path, f"{n}.bin")) for n in INSIGHTFACE_SETS
+                  if os.path.isfile(os.path.join(spec.path, f"{n}.bin")))
+    if not found:
+        raise FileNotFoundError(f"{spec}: none of {', '.join(n + '.bin' for n in INSIGHTFACE_SETS)} in {spec.path}")
+    return found
 
 
 def local(spec: DataSpec) -> DataSpec:

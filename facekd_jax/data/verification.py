@@ -342,6 +342,8 @@ def load_verification(spec: "str | DataSpec", *, image_size: int = 112) -> Tuple
     first, then resize). A URL path of a COPY kind (bin, lfw, lfw-view2) is read from a local copy.
     """
     spec = specs_lib.parse(spec, specs_lib.VERIFICATION)
+    if spec.info.protocol or specs_lib.expand(spec) != (spec,):
+        raise ValueError(f"{spec}: not one set of pairs ({spec.info.help}); load_targets reads it")
     return spec.info.reader(specs_lib.VERIFICATION)(specs_lib.local(spec), image_size=image_size)
 
 
@@ -358,8 +360,19 @@ def load_targets(specs: Sequence[str], *, image_size: int, root: Optional[str] =
     stands for `root`), in order."""
     targets = {}
     for i, text in enumerate(specs):
-        spec = specs_lib.parse(text, specs_lib.VERIFICATION, root=root, field=f"config.data.val_targets[{i}]")
-        name = specs_lib.name(spec)
-        targets[name] = load_verification(spec, image_size=image_size)
-        log_fn("verification set %s: %d pairs from %s", name, len(targets[name][1]), spec)
+        for spec in specs_lib.expand(specs_lib.parse(text, specs_lib.VERIFICATION, root=root,
+                                                     field=f"config.data.val_targets[{i}]")):
+            name = specs_lib.name(spec)
+            if spec.info.protocol:
+                log_fn("verification set %s (%s): a protocol of its own, evaluated by --mode=eval", name, spec)
+                continue
+            targets[name] = load_verification(spec, image_size=image_size)
+            log_fn("verification set %s: %d pairs from %s", name, len(targets[name][1]), spec)
     return targets
+
+
+def protocol_specs(specs: Sequence[str], *, root: Optional[str] = None) -> List[DataSpec]:
+    """The verification specs in `specs` whose kind has a protocol of its own (ijbc:, ijbb:), parsed."""
+    parsed = [specs_lib.parse(text, specs_lib.VERIFICATION, root=root, field=f"config.data.val_targets[{i}]")
+              for i, text in enumerate(specs)]
+    return [spec for spec in parsed if spec.info.protocol]
