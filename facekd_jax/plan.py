@@ -405,13 +405,20 @@ def max_batch(config, topology: Topology, num_classes: int, *, headroom: float =
             tried[b] = plan_train(config, topology, num_classes, batch=b, headroom=headroom)["fits"]
         return tried[b]
 
-    lo, hi = 0, int(math.log2(max(limit // data, 1)))   # exponents: batch = data * 2**k
-    if not fits(data):
-        return None, tried
-    while lo < hi:  # the largest k that fits (fitting is monotone in the batch)
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(data * 2 ** mid) else (lo, mid - 1)
-    return data * 2 ** lo, tried
+    # Exponents: batch = data * 2**k. Walked from the config's own batch, doubling while it fits or halving until
+    # it does (fitting is monotone in the batch): two or three compiles where the answer is near the config's,
+    # and no compile of a batch far past it.
+    top = int(math.log2(max(limit // data, 1)))
+    k = min(max(int(math.log2(max((known or {}).get("global_batch", data) // data, 1))), 0), top)
+    if fits(data * 2 ** k):
+        while k < top and fits(data * 2 ** (k + 1)):
+            k += 1
+        return data * 2 ** k, tried
+    while k > 0:
+        k -= 1
+        if fits(data * 2 ** k):
+            return data * 2 ** k, tried
+    return None, tried
 
 
 # ----------------------------------------------------------------------------------------------- the report

@@ -114,3 +114,20 @@ def test_the_topology_table_counts_chips_and_hosts_as_cloud_tpu_names_them():
     for chip in plan.CHIPS.values():
         assert chip.peak_bf16_flops > 1e14 and chip.hbm_bytes > 1e10 and chip.source.startswith("https://")
     assert math.isclose(plan.roofline(2e12, 1e9, plan.CHIPS["v5e"]), max(2e12 / 197e12, 1e9 / 819e9))
+
+
+@needs_libtpu
+@pytest.mark.parametrize("largest", [1, 4, 64, 512, 1 << 16])
+def test_the_batch_search_walks_from_the_configs_batch_to_the_largest_that_fits(monkeypatch, largest):
+    """max_batch on a fitting rule (the compile stubbed: its figures are tested above): the answer is the largest
+    power of two times the data axis that fits, found in few compiles when it is near the config's batch."""
+    compiled = []
+    monkeypatch.setattr(plan, "plan_train", lambda config, topology, n, batch, headroom: compiled.append(batch)
+                        or {"fits": batch <= 4 * largest})
+    config = tiny_config("baseline_resnet56")
+    known = {"global_batch": 64, "fits": 64 <= 4 * largest, "state_bytes_per_chip": {"params": 1}, "budget_bytes": 2}
+    best, tried = plan.max_batch(config, plan.TOPOLOGIES["v5e-4"], 8, known=known, limit=1 << 18)
+    assert best == 4 * largest and all(tried[b] == (b <= best) for b in tried)
+    assert 4 * largest * 2 in tried or best == 1 << 18   # the next batch up was compiled and refused
+    if largest in (4, 64):
+        assert len(compiled) <= 3, compiled
