@@ -29,7 +29,6 @@ The last line is always `images_per_second=<float>` (JAX; the KD step when --tea
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -42,30 +41,39 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the command line shared with tor
 from step_args import parse_args  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s per device from the vendors' datasheets, keyed by a substring of jax's
-# device_kind (first match wins, so specific keys come first): (bfloat16 peak, float32 peak). float32 convolutions
+# device_kind (first match wins, so specific keys come first): (bfloat16 peak, float32 peak, HBM GB/s: the
+# roofline bound facekd_jax.plan uses for TPUs, printed beside the measured step). float32 convolutions
 # and matmuls run as TF32 on NVIDIA GPUs under XLA's default precision and as bf16 passes on TPUs, hence that
 # column. NVIDIA H100/H200 SXM 989 bf16 / 495 TF32, H100 PCIe 756 / 378, A100 312 / 156; Google Cloud TPU v4 275,
 # v5e 197, v5p 459, v6e (Trillium) 918. CPUs have no entry: pass --peak-tflops.
 PEAK_TFLOPS = {
-    "H100 PCIe": (756.0, 378.0),
-    "H200": (989.0, 494.5),
-    "H100": (989.0, 494.5),
-    "A100": (312.0, 156.0),
-    "TPU v4": (275.0, 275.0),
-    "TPU v5 lite": (197.0, 197.0),
-    "TPU v5e": (197.0, 197.0),
-    "TPU v5p": (459.0, 459.0),
-    "TPU v5": (459.0, 459.0),
-    "TPU v6 lite": (918.0, 918.0),
-    "TPU v6e": (918.0, 918.0),
+    "H100 PCIe": (756.0, 378.0, 2000.0),
+    "H200": (989.0, 494.5, 4800.0),
+    "H100": (989.0, 494.5, 3350.0),
+    "A100": (312.0, 156.0, 2039.0),
+    "TPU v4": (275.0, 275.0, 1200.0),
+    "TPU v5 lite": (197.0, 197.0, 819.0),
+    "TPU v5e": (197.0, 197.0, 819.0),
+    "TPU v5p": (459.0, 459.0, 2765.0),
+    "TPU v5": (459.0, 459.0, 2765.0),
+    "TPU v6 lite": (918.0, 918.0, 1638.0),
+    "TPU v6e": (918.0, 918.0, 1638.0),
 }
 
 
 def peak_tflops(device_kind: str, dtype: str):
     """The datasheet peak for `device_kind` (jax.devices()[0].device_kind) and compute dtype, or None."""
-    for key, (bf16, fp32) in PEAK_TFLOPS.items():
+    for key, (bf16, fp32, _) in PEAK_TFLOPS.items():
         if key.lower() in device_kind.lower():
             return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def hbm_bandwidth(device_kind: str):
+    """The datasheet memory bandwidth (bytes/s) for `device_kind`, or None."""
+    for key, (_, _, gbps) in PEAK_TFLOPS.items():
+        if key.lower() in device_kind.lower():
+            return gbps * 1e9
     return None
 
 
@@ -140,6 +148,7 @@ def build_step(args, with_teacher: bool):
     cost = counted.train_step.lower(state, batch, teacher_variables).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     info = dict(compile_s=compile_s, flops=float(cost.get("flops", 0.0)) if cost else 0.0,
+                bytes_accessed=float(cost.get("bytes accessed", 0.0)) if cost else 0.0,
                 params=models.count_params(state.params),
                 backbone_params=models.count_params(state.params["backbone"]),
                 teacher_params=(models.count_params(teacher_variables["params"]["backbone"])
@@ -243,6 +252,14 @@ def main(argv=None) -> None:
     if peak:
         print(f"peak_tflops={peak:g}")
         print(f"mfu={tflops / peak:.4f}")
+    bandwidth = hbm_bandwidth(device.device_kind)
+    if peak and bandwidth and final["flops"]:
+        # The plan's roofline (facekd_jax.plan.roofline) on this step's own counts: what the measurement is under.
+        from facekd_jax import plan
+        chip = plan.Chip(device.device_kind, peak * 1e12, 0, bandwidth, "train_step.PEAK_TFLOPS")
+        bound = plan.roofline(final["flops"], final["bytes_accessed"], chip)
+        print(f"roofline_bound_images_per_second={args.batch / bound:.1f} (measured "
+              f"{final['images_per_second'] / (args.batch / bound):.0%} of it)")
     if args.teacher:
         print(f"kd_overhead={final['ms_median'] / plain['ms_median']:.3f}")
     print(f"images_per_second={final['images_per_second']:.2f}")

@@ -148,6 +148,18 @@ def default_crop(spec: DataSpec, template: str = "arcface") -> Crop:
     return spec.info.default_crop
 
 
+def kinds_table() -> str:
+    """The registry as the markdown table docs/data.md shows (tests/test_docs.py keeps the two equal)."""
+    lines = ["| spec | training | verification | what |", "|---|:-:|:-:|---|"]
+    for kind in KINDS.values():
+        forms = " or ".join(dict.fromkeys(f"`{s}`" for s in kind.syntax.values())).replace("|", "\\|")
+        url = {COPY: " A gs:// path is copied once to local disk.", IN_PLACE: " A gs:// path is read in place.",
+               LOCAL: " Local paths only.", None: ""}[kind.url]
+        lines.append(f"| {forms} | {'yes' if TRAIN in kind.readers else ''} | "
+                     f"{'yes' if VERIFICATION in kind.readers else ''} | {kind.help}.{url} |")
+    return "\n".join(lines) + "\n"
+
+
 def syntax(role: str) -> str:
     """Every spec a role accepts, for messages: 'synthetic[...] | folder:DIR[@l,t,r,b] | ...'."""
     return " | ".join(k.syntax[role] for k in KINDS.values() if role in k.syntax)
