@@ -97,6 +97,23 @@ def _topologies() -> Dict[str, Topology]:
 
 TOPOLOGIES = _topologies()
 
+# jax's device_kind of each chip (v4 and v5p show one megacore device per chip).
+_DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p": "v5p", "TPU v5": "v5p",
+                 "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+
+
+def topology_of(devices: Sequence[Any]) -> str:
+    """The name of the slice `devices` (jax.devices() on a TPU host) form: "colab" for one v5e chip, "v5e-8",
+    "v4-8" (TensorCores, as Cloud TPU names v4 and v5p), ...; PlanError where the chip or count is not in
+    TOPOLOGIES."""
+    kind = str(devices[0].device_kind)
+    chip = next((c for k, c in _DEVICE_KINDS.items() if kind.lower().startswith(k.lower())), None)
+    count = len(devices) * (2 if chip in ("v4", "v5p") else 1)
+    name = {("v5e", 1): "colab", ("v6e", 1): "colab-v6e"}.get((chip, count), f"{chip}-{count}")
+    if chip is None or name not in TOPOLOGIES:
+        raise PlanError(f"no plan topology for {len(devices)} x {kind}; known: {', '.join(TOPOLOGIES)}")
+    return name
+
 # Identities and images of the training sets people train face recognition on.
 CLASSES = {"casia": 10_572, "ms1mv2": 85_742, "webface42m": 2_059_906}
 DATASETS = {"CASIA-WebFace": 494_414, "MS1MV2": 5_822_653, "WebFace42M": 42_474_557}

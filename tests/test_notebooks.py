@@ -3,6 +3,7 @@
 Each notebook in notebooks/ is executed headless with nbclient in a kernel of this interpreter, with
 FACEKD_SMOKE=1 (the notebooks' switch to tiny models and a few steps) and one CPU device, as CI does.
 """
+import importlib.util
 import json
 import pathlib
 import re
@@ -20,6 +21,9 @@ EXPECTED_TEXT = {
     "distill_your_own.ipynb": ["smoke: True", "McNemar, feature_kd vs teacher", "McNemar, feature_kd vs baseline",
                                "p vs baseline (b, c)", "reloaded student on synthetic"],
 }
+# The quickstart's TPU plan cell: the tiny config planned for Colab's TPU where the [tpu] extra is installed.
+EXPECTED_TEXT["quickstart.ipynb"].append("== colab: 1 x TPU v5e" if importlib.util.find_spec("libtpu")
+                                         else "no TPU compiler here")
 EXPECTED_IMAGES = {"quickstart.ipynb": 1, "distill_your_own.ipynb": 2}  # ROC (+ the training images)
 # A private name of the library (facekd_jax.<module>._x or `from facekd_jax... import _x`).
 PRIVATE = re.compile(r"\b(?:train|evaluate|suite|data|models|losses|checkpoint|synthetic|facekd_jax)\._[A-Za-z]"

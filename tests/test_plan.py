@@ -131,3 +131,18 @@ def test_the_batch_search_walks_from_the_configs_batch_to_the_largest_that_fits(
     assert 4 * largest * 2 in tried or best == 1 << 18   # the next batch up was compiled and refused
     if largest in (4, 64):
         assert len(compiled) <= 3, compiled
+
+
+def test_the_slice_a_tpu_host_sees_is_named_as_the_plan_names_it():
+    class Device:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert plan.topology_of([Device("TPU v5 lite")]) == "colab"
+    assert plan.topology_of([Device("TPU v5 lite")] * 8) == "v5e-8"
+    assert plan.topology_of([Device("TPU v4")] * 4) == "v4-8"      # 4 megacore chips = v4-8 (TensorCores)
+    assert plan.topology_of([Device("TPU v6 lite")]) == "colab-v6e"
+    with pytest.raises(plan.PlanError, match="no plan topology for 3 x TPU v5 lite"):
+        plan.topology_of([Device("TPU v5 lite")] * 3)
+    with pytest.raises(plan.PlanError, match="NVIDIA H200"):
+        plan.topology_of([Device("NVIDIA H200")])
