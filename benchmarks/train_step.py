@@ -255,8 +255,8 @@ def main(argv=None) -> None:
     bandwidth = hbm_bandwidth(device.device_kind)
     if peak and bandwidth and final["flops"]:
         # The plan's roofline (facekd_jax.plan.roofline) on this step's own counts: what the measurement is under.
-        from facekd_jax import plan
-        chip = plan.Chip(device.device_kind, peak * 1e12, 0, bandwidth, "train_step.PEAK_TFLOPS")
+        from facekd_jax import plan, tpu
+        chip = tpu.Chip(device.device_kind, peak * 1e12, 0, bandwidth, "train_step.PEAK_TFLOPS")
         bound = plan.roofline(final["flops"], final["bytes_accessed"], chip)
         print(f"roofline_bound_images_per_second={args.batch / bound:.1f} (measured "
               f"{final['images_per_second'] / (args.batch / bound):.0%} of it)")

@@ -7,10 +7,10 @@ import sys
 import pytest
 
 from runs import REPO, subprocess_env, tiny_config
-from facekd_jax import plan
+from facekd_jax import plan, tpu
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason=f"libtpu is not installed: {plan.TPU_EXTRA}")
+                                  reason=f"libtpu is not installed: {tpu.TPU_EXTRA}")
 TINY = str(REPO / "configs" / "baseline_resnet56.py") + ":tiny"
 
 
@@ -41,7 +41,7 @@ def test_the_tiny_plan_compiles_for_a_topology_with_positive_figures_and_per_chi
     assert train["state_bytes_per_chip"]["opt_state"] >= 4 * (backbone + head)
     # The compiler's count of a step is the model's (forward + backward + head) plus the optimiser and norms.
     assert 0.8 < train["flops_ratio"] < 3.0, train["flops_ratio"]
-    chip = plan.CHIPS[topology.split("-")[0]]
+    chip = tpu.CHIPS[topology.split("-")[0]]
     bound = plan.roofline(train["flops_per_chip"], train["bytes_accessed_per_chip"], chip)
     assert train["images_per_second_bound"] == pytest.approx(16 / bound)
     assert train["epoch_seconds_bound"]["MS1MV2"] == pytest.approx(5_822_653 / train["images_per_second_bound"])
@@ -53,7 +53,7 @@ def test_the_tiny_plan_compiles_for_a_topology_with_positive_figures_and_per_chi
 def test_a_class_sharded_head_is_split_over_the_model_axis_and_never_gathered():
     config = tiny_config("baseline_resnet56", **{"mesh.model_parallelism": 2})
     classes = 1000
-    train = plan.plan_train(config, plan.TOPOLOGIES["v4-8"], classes)
+    train = plan.plan_train(config, tpu.TOPOLOGIES["v4-8"], classes)
     assert train["mesh"] == {"data": 2, "model": 2} and train["fits"] and train["head_gathered"] == []
     backbone, head = _param_count(config, classes)
     assert train["state_bytes_per_chip"]["params"] == 4 * (backbone + head // 2)
@@ -104,16 +104,16 @@ def test_an_unknown_topology_and_a_missing_libtpu_are_one_line_errors(monkeypatc
         raise RuntimeError("Unable to initialize backend 'tpu': no TPU plugin")
     monkeypatch.setattr(topologies, "get_topology_desc", no_plugin)
     with pytest.raises(plan.PlanError, match=r"needs libtpu.*pip install 'facekd_jax\[tpu\]'"):
-        plan.topology_devices(plan.TOPOLOGIES["v5e-8"])
+        plan.topology_devices(tpu.TOPOLOGIES["v5e-8"])
 
 
 def test_the_topology_table_counts_chips_and_hosts_as_cloud_tpu_names_them():
-    assert plan.TOPOLOGIES["v4-8"].chips == 4 and plan.TOPOLOGIES["v5p-16"].chips == 8  # TensorCores, 2 per chip
-    assert plan.TOPOLOGIES["v5e-8"].chips == 8 and plan.TOPOLOGIES["v5e-8"].hosts == 1
-    assert plan.TOPOLOGIES["v5e-16"].hosts == 4 and plan.TOPOLOGIES["colab"].chips == 1
-    for chip in plan.CHIPS.values():
+    assert tpu.TOPOLOGIES["v4-8"].chips == 4 and tpu.TOPOLOGIES["v5p-16"].chips == 8  # TensorCores, 2 per chip
+    assert tpu.TOPOLOGIES["v5e-8"].chips == 8 and tpu.TOPOLOGIES["v5e-8"].hosts == 1
+    assert tpu.TOPOLOGIES["v5e-16"].hosts == 4 and tpu.TOPOLOGIES["colab"].chips == 1
+    for chip in tpu.CHIPS.values():
         assert chip.peak_bf16_flops > 1e14 and chip.hbm_bytes > 1e10 and chip.source.startswith("https://")
-    assert math.isclose(plan.roofline(2e12, 1e9, plan.CHIPS["v5e"]), max(2e12 / 197e12, 1e9 / 819e9))
+    assert math.isclose(plan.roofline(2e12, 1e9, tpu.CHIPS["v5e"]), max(2e12 / 197e12, 1e9 / 819e9))
 
 
 @needs_libtpu
@@ -126,7 +126,7 @@ def test_the_batch_search_walks_from_the_configs_batch_to_the_largest_that_fits(
                         or {"fits": batch <= 4 * largest})
     config = tiny_config("baseline_resnet56")
     known = {"global_batch": 64, "fits": 64 <= 4 * largest, "state_bytes_per_chip": {"params": 1}, "budget_bytes": 2}
-    best, tried = plan.max_batch(config, plan.TOPOLOGIES["v5e-4"], 8, known=known, limit=1 << 18)
+    best, tried = plan.max_batch(config, tpu.TOPOLOGIES["v5e-4"], 8, known=known, limit=1 << 18)
     assert best == 4 * largest and all(tried[b] == (b <= best) for b in tried)
     assert 4 * largest * 2 in tried or best == 1 << 18   # the next batch up was compiled and refused
     if largest in (4, 64):
@@ -138,11 +138,11 @@ def test_the_slice_a_tpu_host_sees_is_named_as_the_plan_names_it():
         def __init__(self, kind):
             self.device_kind = kind
 
-    assert plan.topology_of([Device("TPU v5 lite")]) == "colab"
-    assert plan.topology_of([Device("TPU v5 lite")] * 8) == "v5e-8"
-    assert plan.topology_of([Device("TPU v4")] * 4) == "v4-8"      # 4 megacore chips = v4-8 (TensorCores)
-    assert plan.topology_of([Device("TPU v6 lite")]) == "colab-v6e"
-    with pytest.raises(plan.PlanError, match="no plan topology for 3 x TPU v5 lite"):
-        plan.topology_of([Device("TPU v5 lite")] * 3)
+    assert tpu.topology_of([Device("TPU v5 lite")]) == "colab"
+    assert tpu.topology_of([Device("TPU v5 lite")] * 8) == "v5e-8"
+    assert tpu.topology_of([Device("TPU v4")] * 4) == "v4-8"      # 4 megacore chips = v4-8 (TensorCores)
+    assert tpu.topology_of([Device("TPU v6 lite")]) == "colab-v6e"
+    with pytest.raises(tpu.PlanError, match="no plan topology for 3 x TPU v5 lite"):
+        tpu.topology_of([Device("TPU v5 lite")] * 3)
     with pytest.raises(plan.PlanError, match="NVIDIA H200"):
-        plan.topology_of([Device("NVIDIA H200")])
+        tpu.topology_of([Device("NVIDIA H200")])
