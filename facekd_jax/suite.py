@@ -301,13 +301,13 @@ def _row(description: str, results: List[Dict[str, Any]], records: List[Dict[str
          baseline: Optional[List[Dict[str, Any]]], *, is_baseline: bool) -> Dict[str, Any]:
     import numpy as np
 
-    from facekd_jax import evaluate
+    from facekd_jax import stats
 
     acc = [r["accuracy"] for r in results]
     tests = []
     if baseline and not is_baseline:  # a row of one result (the teacher) is compared with every seed's baseline
         mine = results if len(results) == len(baseline) else [results[0]] * len(baseline)
-        tests = [evaluate.mcnemar(r["correct"], b["correct"]) for r, b in zip(mine, baseline)]
+        tests = [stats.mcnemar(r["correct"], b["correct"]) for r, b in zip(mine, baseline)]
     return {"description": description, "accuracy_mean": float(np.mean(acc)),
             "accuracy_std_over_seeds": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
             "accuracy_fold_std": float(results[0]["accuracy_std"]), "accuracy_per_seed": acc,

@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import interpolate, stats
+from scipy import interpolate
+from scipy import stats as scipy_stats
 
 from facekd_jax import evaluate as ev
+from facekd_jax import stats
 
 
 # --------------------------------------------------------------------------- reference (insightface, NumPy loops)
@@ -247,7 +249,7 @@ def test_mcnemar_known_tables(b, c, p):
     # Concordant pairs (both right, both wrong) must not matter.
     a = [True] * b + [False] * c + [True] * 50 + [False] * 9
     bb = [False] * b + [True] * c + [True] * 50 + [False] * 9
-    r = ev.mcnemar(a, bb)
+    r = stats.mcnemar(a, bb)
     assert (r["b"], r["c"]) == (b, c)
     assert r["p_value"] == pytest.approx(p, rel=1e-12)
 
@@ -255,22 +257,22 @@ def test_mcnemar_known_tables(b, c, p):
 def test_mcnemar_matches_scipy_binomtest():
     rng = np.random.default_rng(0)
     a, b = rng.random(6000) < 0.99, rng.random(6000) < 0.985
-    r = ev.mcnemar(a, b)
+    r = stats.mcnemar(a, b)
     n = r["b"] + r["c"]
-    assert r["p_value"] == pytest.approx(stats.binomtest(r["b"], n, 0.5).pvalue, rel=1e-9)
+    assert r["p_value"] == pytest.approx(scipy_stats.binomtest(r["b"], n, 0.5).pvalue, rel=1e-9)
     with pytest.raises(ValueError, match="share the pairs"):
-        ev.mcnemar(a, b[:-1])
+        stats.mcnemar(a, b[:-1])
 
 
 def test_bootstrap_ci():
     correct = np.arange(6000) % 100 != 0  # 99 % right
-    low, high = ev.bootstrap_ci(correct, n_resamples=4000, seed=1)
+    low, high = stats.bootstrap_ci(correct, n_resamples=4000, seed=1)
     assert low < 0.99 < high
     half = 1.96 * math.sqrt(0.99 * 0.01 / 6000)  # normal approximation of the same interval
     assert low == pytest.approx(0.99 - half, abs=6e-4) and high == pytest.approx(0.99 + half, abs=6e-4)
-    assert ev.bootstrap_ci(correct, seed=1) == ev.bootstrap_ci(correct, seed=1)
-    assert ev.bootstrap_ci(np.ones(100, bool)) == (1.0, 1.0)
-    narrow = ev.bootstrap_ci(correct, alpha=0.5, seed=1)
+    assert stats.bootstrap_ci(correct, seed=1) == stats.bootstrap_ci(correct, seed=1)
+    assert stats.bootstrap_ci(np.ones(100, bool)) == (1.0, 1.0)
+    narrow = stats.bootstrap_ci(correct, alpha=0.5, seed=1)
     assert low < narrow[0] <= narrow[1] < high
 
 
@@ -286,18 +288,18 @@ def test_compare_table():
                     "correct": better, "params": 890_000, "gflops": 0.5},
         "no-decisions": {"accuracy": 0.5, "accuracy_std": 0.1, "eer": 0.5, "fnmr_at_fmr": {"1e-3": 1.0}},
     }
-    table = ev.compare(runs, baseline="teacher")
+    table = stats.compare(runs, baseline="teacher")
     lines = table.strip().splitlines()
     assert len(lines) == 5 and lines[0].startswith("| model") and "p vs teacher" in lines[0]
     teacher, student, other = (line.split(" | ") for line in lines[2:])
     assert teacher[1:7] == ["99.417 ± 0.350", "0.60", "1.20", "11.44", "1.82", "45.8"]
     assert student[6] == "n/a"  # no MB given
-    p = ev.mcnemar(base, better)["p_value"]
+    p = stats.mcnemar(base, better)["p_value"]
     assert student[7].rstrip(" |") == f"{p:.3g} (2, 10)"
     assert teacher[7].rstrip(" |") == "baseline" and other[7].rstrip(" |") == "n/a"
-    assert "p vs" not in ev.compare(runs)
+    assert "p vs" not in stats.compare(runs)
     with pytest.raises(KeyError, match="baseline"):
-        ev.compare(runs, baseline="nobody")
+        stats.compare(runs, baseline="nobody")
 
 
 def test_plot_roc_writes_png(tmp_path):
