@@ -205,7 +205,7 @@ def teacher_record(teacher: Teacher, config, log) -> Dict[str, Any]:
     if teacher.record is not None:
         return teacher.record
     spec = specs.parse(config.data.val_targets[0], specs.VERIFICATION, root=config.data.root)
-    crop = teacher.run.crop_for(config.data.train)  # by the data's kind: dlib's own box on LFW
+    crop = teacher.run.crop_for(spec)  # its own: dlib's box on LFW, its chip in an aligned copy
     spec = str(spec.replace(crop=crop) if crop else spec)
     path = os.path.join(teacher.workdir, "suite_eval.json")
     cached = {}

@@ -64,3 +64,31 @@ def test_a_development_run_cannot_read_the_reported_pairs(lfw_dir, tmp_path):
         suite.run_suite(str(REPO / "configs" / "lfw_dlib.py"), str(tmp_path), runs=["nope"], split="dev")
     assert verification.load_verification(f"lfw:{lfw_dir}", image_size=16)[1].shape == (1000,)
     assert np.asarray(lfw_dev.dev_people(str(lfw_dir))).size == lfw_dev.DEV_PEOPLE
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_the_teacher_is_evaluated_on_the_development_pairs_with_its_own_crop(lfw_dir, tmp_path, monkeypatch,
+                                                                             aligned):
+    """The suite's teacher row on the table's first set as the table names it ('lfw-dev:{root}'): {root} resolved,
+    the teacher's crop for that data (dlib's box on LFW, its chip's box in an aligned copy)."""
+    import json
+
+    from facekd_jax import eval_only
+    from facekd_jax.data import align
+    from facekd_jax.teachers.imported import TeacherRun
+
+    root = tmp_path / "aligned" if aligned else lfw_dir
+    if aligned:
+        root.mkdir()
+        (root / align.ALIGNMENT).write_text(json.dumps({"boxes": align.chip_boxes()}))
+    (tmp_path / "teacher").mkdir()
+    seen = []
+    monkeypatch.setattr(eval_only, "evaluate_workdir",
+                        lambda c, workdir: seen.append(c.data.val_targets[0]) or {"results": {}})
+    run = TeacherRun(workdir=str(tmp_path / "teacher"), model="dlib_resnet29", image_size=150, embedding_size=128, crops={"lfw": (68, 77, 184, 193)},
+                     imported=True, template="dlib")
+    table = suite.load_table(str(REPO / "configs" / "lfw_dlib.py") + f":data.root={root}")
+    config = table.config("label_free_kd", split="dev")
+    suite.teacher_record(suite.Teacher(str(tmp_path / "teacher"), run), config, log=lambda *_: None)
+    box = align.chip_boxes()["dlib"] if aligned else (68, 77, 184, 193)
+    assert seen == [f"lfw-dev:{root}@{','.join(map(str, box))}"]

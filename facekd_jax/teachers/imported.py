@@ -35,9 +35,10 @@ class TeacherRun:
     imported: bool
     template: str = "arcface"   # the aligned crop it takes (data.align): dlib's descriptor its own "dlib" chip
 
-    def crop_for(self, spec: str) -> Optional[Tuple[int, int, int, int]]:
-        """The teacher's own crop for a data spec: in an aligned copy its template's box within the chips, else
-        the crop teacher.json names for the spec's kind ("lfw-all" as "lfw"); None: the spec's own crop."""
+    def crop_for(self, spec) -> Optional[Tuple[int, int, int, int]]:
+        """The teacher's own crop for a data spec (a string without `{root}`, or a parsed DataSpec): in an aligned
+        copy its template's box within the chips, else the crop teacher.json names for the spec's kind
+        ("lfw-all", "lfw-dev" as "lfw"); None: the spec's own crop."""
         from facekd_jax.data import specs
 
         try:
