@@ -41,6 +41,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from facekd_jax import logs
     logs.quiet(logging.get_absl_handler())
+    logs.skip_absent_tpu()
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     from facekd_jax.cpu import xla_flags  # pure Python: flags only, no native code
