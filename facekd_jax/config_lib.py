@@ -41,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.dropout = 0.0
     c.dtype = "float32"      # "bfloat16": bf16 compute, fp32 parameters
     # Layers on a CPU (facekd_jax.cpu): "auto" = oneDNN kernels on a single-device CPU where the [cpu] extra is
-    # installed, "onednn" = require them, "xla" = flax's layers everywhere. GPUs and TPUs always get flax's.
+    # installed, "onednn" = require them, "taps" = flax's with depthwise convolutions as element-wise taps, "xla" =
+    # flax's layers everywhere. GPUs and TPUs always get flax's.
     c.cpu_kernels = "auto"
     # Margin head (arcface_torch names): ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4).
     c.margin_list = (1.0, 0.5, 0.0)

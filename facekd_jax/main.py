@@ -45,7 +45,7 @@ def main(argv):
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     from facekd_jax.cpu import xla_flags  # pure Python: flags only, no native code
-    xla_flags.apply_cpu_defaults(onednn=FLAGS.config.cpu_kernels != "xla")  # before JAX starts a backend
+    xla_flags.apply_cpu_defaults(onednn=FLAGS.config.cpu_kernels not in ("taps", "xla"))  # before JAX starts
     from facekd_jax import eval_only, train  # noqa: E402 (after TF is kept off the GPU)
 
     logging.info("config:\n%s", FLAGS.config)

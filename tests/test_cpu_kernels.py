@@ -167,6 +167,8 @@ def test_model_layers_decided_once_from_the_config_choice():
 
     assert cpu.model_layers("xla", num_devices=1) == {}
     assert cpu.model_layers("auto", num_devices=8) == {"conv": TapsConv}
+    assert cpu.model_layers("taps", num_devices=1) == {"conv": TapsConv}   # XLA's kernels even where oneDNN runs
+    assert cpu.model_layers("taps", num_devices=1, platform="tpu") == {}
     with pytest.raises(RuntimeError, match="8 devices"):
         cpu.model_layers("onednn", num_devices=8)
     with pytest.raises(ValueError, match="cpu_kernels='fast'"):

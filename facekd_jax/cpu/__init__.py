@@ -10,6 +10,8 @@ the handlers compile on first use with the system C++ compiler). Two pieces:
              installed and builds; elsewhere on a CPU flax's Conv with depthwise convolutions as element-wise
              taps (pure JAX, 6x faster than XLA:CPU's grouped convolution); on a GPU/TPU flax's layers;
     "onednn" the oneDNN layers, or an error where they cannot be used;
+    "taps"   on a CPU flax's layers with depthwise convolutions as taps (what "auto" gives without the extra),
+             elsewhere flax's: XLA's own kernels at a usable speed, another rounding than oneDNN's;
     "xla"    flax's layers, XLA's kernels.
 - `xla_flags.apply_cpu_defaults()`: XLA:CPU flags (YNNPACK element-wise fusions), pure Python, applied by the
   entry points before JAX starts.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict
 
-CHOICES = ("auto", "onednn", "xla")
+CHOICES = ("auto", "onednn", "taps", "xla")
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,9 @@ def model_layers(choice: str, *, num_devices: int, platform: str = "") -> Dict[s
 
     platform = platform or jax.default_backend()
     why = ""
-    if platform != "cpu":
+    if choice == "taps":
+        why = "cpu_kernels='taps'"
+    elif platform != "cpu":
         why = f"the devices are {platform}, not the CPU"
     elif num_devices != 1:
         why = f"the mesh has {num_devices} devices (the oneDNN custom calls run on one)"
@@ -54,10 +58,10 @@ def model_layers(choice: str, *, num_devices: int, platform: str = "") -> Dict[s
         if choice == "onednn":
             raise RuntimeError(f"config.cpu_kernels='onednn' but oneDNN layers cannot be used: {why}")
         if platform != "cpu":
-            log.info("cpu_kernels=auto: flax's layers (%s)", why)
+            log.info("cpu_kernels=%s: flax's layers (%s)", choice, why)
             return {}
         from facekd_jax.cpu.layers import TapsConv
-        log.info("cpu_kernels=auto: flax's layers, depthwise convolutions as taps (%s)", why)
+        log.info("cpu_kernels=%s: flax's layers, depthwise convolutions as taps (%s)", choice, why)
         return {"conv": TapsConv}
     from facekd_jax.cpu.layers import FusedBatchNorm, OnednnConv
     log.info("cpu_kernels=%s: oneDNN convolutions and fused batch norm", choice)
