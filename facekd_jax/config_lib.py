@@ -304,6 +304,8 @@ def check_overrides(argv: Sequence[str], required: Sequence[str] = ("--config",)
         sys.exit(2)
 
     given = {a.split("=", 1)[0] for a in argv}
+    if given & {"-h", "--help", "--helpshort", "--helpfull", "-?"}:
+        return  # absl prints the flags
     for flag in required:
         if flag not in given:
             fail(f"{flag}=... is required (--help lists the flags)")
