@@ -66,11 +66,25 @@ def read_config(workdir: str) -> Dict[str, Any]:
     try:
         with open(path) as f:
             saved = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise ValueError(f"{path}: unreadable run config ({type(e).__name__}: {e})") from e
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: a run config is a JSON object, found {type(saved).__name__}")
+    # The fields a model is restored from (trained_architecture) are checked here, where the file is read.
+    for field, kind in _ARCHITECTURE_TYPES.items():
+        *parents, leaf = field.split(".")
+        node = saved
+        for part in parents:
+            node = node.get(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{path}: {part} is a {type(node).__name__}, expected a JSON object")
+        if leaf in node and (not isinstance(node[leaf], kind) or isinstance(node[leaf], bool)):
+            raise ValueError(f"{path}: {field} is {node[leaf]!r}, expected a {kind.__name__}")
     return saved
+
+
+# The JSON type of each architecture field (ARCHITECTURE_FIELDS).
+_ARCHITECTURE_TYPES = {"model": str, "embedding_size": int, "head": str, "data.image_size": int}
 
 
 def model_parallelism(workdir: str) -> int:

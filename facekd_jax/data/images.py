@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import re
 import threading
 from typing import Optional, Sequence, Tuple
 
@@ -54,9 +55,17 @@ def _pil_decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Bytes -> uint8 [H, W, 3] RGB with Pillow; raises ImageDecodeError naming `name`."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that (DecompressionBombError above), and
+            # allocates the whole image before it finds a short file short: a header that declares more is refused.
+            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                raise ImageDecodeError(f"cannot decode image {name}: its header declares {img.width}x{img.height} "
+                                       f"pixels, over Pillow's limit of {Image.MAX_IMAGE_PIXELS} (a decompression "
+                                       "bomb?)")
             img.load()  # Pillow is lazy: force the decode so truncation is caught here.
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        if isinstance(e, ImageDecodeError):
+            raise
         raise ImageDecodeError(f"cannot decode image {name}: {e}") from e
 
 
@@ -194,6 +203,12 @@ def decode_image_tf(encoded: tf.Tensor, *, image_size: int, crop: Crop = None,
     return _crop_resize_tf(img, image_size, None), ok
 
 
+def _tf_reason(error: tf.errors.OpError) -> str:
+    """The first line of a TensorFlow error, without its {{function_node ...}} and [Op:...] decorations."""
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", error.message)
+    return " ".join(text.split("\n")[0].split()) or type(error).__name__
+
+
 def decode_many(encoded: Sequence[bytes], *, image_size: int, crop: Crop = None,
                 names: Optional[Sequence[str]] = None, num_parallel_calls: int = 8) -> np.ndarray:
     """Decode a list of encoded images in parallel -> uint8 [N, S, S, 3]; a corrupt one raises, naming it.
@@ -208,9 +223,19 @@ def decode_many(encoded: Sequence[bytes], *, image_size: int, crop: Crop = None,
     ds = ds.map(lambda e, n: decode_image_tf(e, image_size=image_size, crop=crop, name=n),
                 num_parallel_calls=num_parallel_calls, deterministic=True)
     images, oks = [], []
-    for img, ok in ds.batch(256).as_numpy_iterator():
-        images.append(img)
-        oks.append(ok)
+    try:
+        for img, ok in ds.batch(256).as_numpy_iterator():
+            images.append(img)
+            oks.append(ok)
+    except tf.errors.OpError as e:
+        # TensorFlow's fast decoder failed on an image whose header it accepted (a JPEG with a corrupt body, a
+        # truncated PNG, a size past its limits): decode them one at a time to name it.
+        for data, name in zip(encoded, names):
+            try:
+                decode_image_tf(tf.constant(data), image_size=image_size, crop=crop, name=name)
+            except tf.errors.OpError as one:
+                raise ImageDecodeError(f"cannot decode image {name}: {_tf_reason(one)}") from None
+        raise ImageDecodeError(f"{len(encoded)} images: TensorFlow failed decoding them: {_tf_reason(e)}") from None
     ok = np.concatenate(oks)
     if not ok.all():
         bad = [names[i] for i in np.flatnonzero(~ok)[:5]]

@@ -242,7 +242,7 @@ def read_idx(idx_path: str) -> Tuple[np.ndarray, np.ndarray]:
     tokens = data.split()
     try:
         values = np.array(tokens, dtype=np.int64) if tokens else np.zeros(0, np.int64)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a number past int64
         raise RecordIOError(f"{idx_path}: malformed index ({_bad_idx_line(idx_path)}); expected lines "
                             "'key<TAB>offset'") from None
     lines = [ln for ln in data.splitlines() if ln.strip()]
@@ -367,11 +367,11 @@ class InsightfaceIndex:
 
 def read_property(path: str) -> Tuple[int, int, int]:
     """insightface `property` file ("num_classes,H,W") -> (num_classes, H, W); errors name the file."""
-    with open(path) as f:
-        text = f.read().strip()
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", "replace").strip()  # undecodable bytes show up in the error below
     try:
         values = [int(float(v)) for v in text.replace(" ", "").split(",")]
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf"
         values = []
     if len(values) != 3 or values[0] <= 0:
         raise RecordIOError(f"{path}: expected 'num_classes,height,width', got {text[:80]!r}")
@@ -466,10 +466,16 @@ def read_insightface(path: str) -> InsightfaceIndex:
     has_header = (reader_key0 == 0 and header0.flag >= 2 and not (rest0 and _looks_like_image(rest0)))
     header_classes = None
     if has_header:
+        if not np.isfinite(header0.label[:2]).all():
+            raise RecordIOError(f"{rec_path}: record 0 is an identity header with labels {header0.label[:2]}, not "
+                                "key numbers")
         first, end = int(header0.label[0]), int(header0.label[1])
         if first < 2:
             raise RecordIOError(f"{rec_path}: record 0 is an identity header saying images are keys 1..{first - 1}"
                                 ": no images")
+        if first - 1 > skeys.size:  # checked before np.arange allocates a key per image it declares
+            raise RecordIOError(f"{rec_path}: record 0 is an identity header saying images are keys 1..{first - 1},"
+                                f" but {where} has only {skeys.size} records")
         image_keys = np.arange(1, first, dtype=np.int64)
         if end > first:
             header_classes = end - first

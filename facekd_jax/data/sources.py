@@ -37,6 +37,7 @@ from facekd_jax.data import images as images_lib
 from facekd_jax.data import specs as specs_lib
 from facekd_jax.data import synthetic as synthetic_lib
 from facekd_jax.data.specs import LFW_IMAGES, DataSpec
+from facekd_jax.paths import is_url
 
 log = logging.getLogger(__name__)
 
@@ -239,31 +240,81 @@ def _shard_files(files: List[str], process_index: int, process_count: int) -> Tu
     return files, process_count > 1
 
 
+def _check_framing(path: str) -> None:
+    """ValueError naming the file and the record unless every record's declared length fits in the bytes left.
+
+    TensorFlow allocates the length a record declares before it reads the record (2**34 bytes reserved; 2**40
+    crash the process), and a damaged length whose own checksum happens to be right passes TensorFlow's check.
+    A walk over the 16-byte frames, not the data; local files only (a remote one would cost a request a record).
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        pos, record = 0, 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 <= length <= size - pos - 16:
+                raise ValueError(f"{path}: record {record} at byte {pos} declares {length} bytes but "
+                                 f"{max(size - pos - 16, 0)} are left: a truncated or corrupt TFRecord file")
+            pos, record = pos + 16 + length, record + 1
+
+
+def _tf_reason(error: Exception) -> str:
+    """The first line of a TensorFlow or protobuf error, without its {{function_node ...}} decoration."""
+    text = getattr(error, "message", None) or str(error)
+    return " ".join(text.split("}}")[-1].split("\n")[0].split()) or type(error).__name__
+
+
 def _example_keys(path: str) -> Tuple[str, str]:
     """The (image, label) feature names used by the first record of a TFRecord file."""
-    for raw in tf.data.TFRecordDataset(path).take(1):
-        example = tf.train.Example.FromString(raw.numpy())
-        keys = set(example.features.feature.keys())
-        image = next((k for k in IMAGE_KEYS if k in keys), None)
-        label = next((k for k in LABEL_KEYS if k in keys), None)
-        if image is None or label is None:
-            raise ValueError(f"{path}: tf.train.Example without {'/'.join(IMAGE_KEYS)} (bytes) and "
-                             f"{'/'.join(LABEL_KEYS)} (int64) features; found {sorted(keys)}")
-        return image, label
-    raise ValueError(f"{path}: empty TFRecord file")
+    try:
+        first = [tf.train.Example.FromString(raw.numpy()) for raw in tf.data.TFRecordDataset(path).take(1)]
+    except Exception as e:  # noqa: BLE001 - tf.errors.DataLossError, protobuf's DecodeError: the file's fault
+        raise ValueError(f"{path}: record 0 is not a tf.train.Example ({type(e).__name__}: {_tf_reason(e)})") \
+            from None
+    if not first:
+        raise ValueError(f"{path}: empty TFRecord file")
+    keys = set(first[0].features.feature.keys())
+    image = next((k for k in IMAGE_KEYS if k in keys), None)
+    label = next((k for k in LABEL_KEYS if k in keys), None)
+    if image is None or label is None:
+        raise ValueError(f"{path}: tf.train.Example without {'/'.join(IMAGE_KEYS)} (bytes) and "
+                         f"{'/'.join(LABEL_KEYS)} (int64) features; found {sorted(keys)}")
+    return image, label
 
 
 def tfrecord_source(spec: DataSpec, *, image_size: int = 0, shuffle_buffer: int = 10_000) -> StreamSource:
-    """TFRecord files of tf.train.Example. Counts images and classes with one label-only pass over the files."""
+    """TFRecord files of tf.train.Example. Checks every record's framing (local files), then counts images and
+    classes with one pass over the files that parses each record's label and image. Errors name the file."""
     pattern, crop = spec.path, spec.crop
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no TFRecord files match {pattern!r} (spec 'tfrecord:{pattern}')")
+    for path in files:
+        if not is_url(path):
+            _check_framing(path)
     image_key, label_key = _example_keys(files[0])
-    label_spec = {label_key: tf.io.FixedLenFeature([], tf.int64)}
-    labels = tf.data.TFRecordDataset(files, num_parallel_reads=min(16, len(files))).batch(4096).map(
-        lambda x: tf.io.parse_example(x, label_spec)[label_key])
-    counts = [(int(tf.size(b)), int(tf.reduce_max(b)), int(tf.reduce_min(b))) for b in labels]
+    # The image is parsed too, so a record without one fails here, naming its file, not mid-training.
+    label_spec = {label_key: tf.io.FixedLenFeature([], tf.int64), image_key: tf.io.FixedLenFeature([], tf.string)}
+
+    def count(which: List[str]):
+        labels = tf.data.TFRecordDataset(which, num_parallel_reads=min(16, len(which))).batch(1024).map(
+            lambda x: tf.io.parse_example(x, label_spec)[label_key])
+        return [(int(tf.size(b)), int(tf.reduce_max(b)), int(tf.reduce_min(b))) for b in labels]
+
+    # UnicodeDecodeError: TensorFlow's message quoting the record's bytes could not even be decoded.
+    errors = (tf.errors.OpError, UnicodeDecodeError)
+    try:
+        counts = count(files)
+    except errors as e:
+        for path in files:  # which file: TensorFlow's message does not say when it reads several
+            try:
+                count([path])
+            except errors as one:
+                raise ValueError(f"{path}: unreadable TFRecord file ({type(one).__name__}: {_tf_reason(one)})") \
+                    from None
+        raise ValueError(f"{pattern}: unreadable TFRecord files ({type(e).__name__}: {_tf_reason(e)})") from None
     num_images = sum(c[0] for c in counts)
     if num_images == 0:
         raise ValueError(f"{pattern}: no examples in {len(files)} TFRecord file(s)")

@@ -197,14 +197,20 @@ def _from_data(kind):
 
 def _check_pickle(data: bytes, path: str) -> None:
     """Walks the pickle's opcodes (pickletools builds nothing) before the unpickler runs: every length must fit in
-    the bytes left and every memo index must be one the pickle could have made so far. The unpickler allocates
-    the length an opcode declares (2**40 bytes) or grows its memo to an index (2**32 slots) before it finds the
-    data short."""
-    pos = 0
+    the bytes left, every memo index must be one the pickle could have made so far, and no opcode may straddle the
+    end of a frame. The unpickler allocates the length an opcode declares (2**40 bytes), grows its memo to an index
+    (2**32 slots), or, reading from a file, asks for gigabytes across a frame's end, before it finds the data
+    short."""
+    pos, last, frame_end = 0, 0, 0
     try:
         for n, (op, arg, pos) in enumerate(pickletools.genops(data)):
-            if op.name == "FRAME" and arg > len(data) - pos:
-                raise ValueError(f"a frame of {arg} bytes with {len(data) - pos} left")
+            if pos > frame_end > last:
+                raise ValueError(f"the opcode at byte {last} runs past the end of its frame at byte {frame_end}")
+            last = pos
+            if op.name == "FRAME":
+                if arg > len(data) - pos - 9:
+                    raise ValueError(f"a frame of {arg} bytes with {len(data) - pos - 9} left")
+                frame_end = pos + 9 + arg
             if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > n:
                 raise ValueError(f"memo index {arg} after {n} opcodes")
     except (ValueError, struct.error) as e:
@@ -230,14 +236,12 @@ def read_bin(path: str) -> Tuple[List[bytes], np.ndarray]:
     with open(path, "rb") as f:
         data = f.read()
     _check_pickle(data, path)
-    errors = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, UnicodeError,
-              KeyError, IndexError, OverflowError, MemoryError, RecursionError, struct.error)
     try:
         obj = _BinUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except errors as e:
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign pickle (numpy's SystemError too) is the file's
         try:  # Python 2 pickles holding numpy arrays need latin1 (numpy's own advice); images come back as str
             obj = _BinUnpickler(io.BytesIO(data), encoding="latin1").load()
-        except errors:
+        except Exception:  # noqa: BLE001
             raise ValueError(f"{path}: not a readable insightface .bin (pickle of (images, issame)): {e}") from e
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(x, (tuple, list, np.ndarray))
                                                                       for x in obj)):

@@ -25,8 +25,10 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import time
+import tokenize
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -149,12 +151,46 @@ def open_cache(directory: str) -> TeacherCache:
     try:
         with open(path) as f:
             header = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise ValueError(f"{path}: unreadable cache header ({e})") from e
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ValueError(f"{path}: not a {FORMAT} version {VERSION} header (format {header.get('format')!r}, "
-                         f"version {header.get('version')!r})")
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        found = header if not isinstance(header, dict) else (header.get("format"), header.get("version"))
+        raise ValueError(f"{path}: not a {FORMAT} version {VERSION} header (found {str(found)[:80]})")
+    data = header.get("data") if isinstance(header.get("data"), dict) else {}
+    n, c, e = data.get("num_images"), data.get("num_classes"), header.get("embedding_size")
+    for key, value in (("data.num_images", n), ("data.num_classes", c), ("embedding_size", e)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{path}: {key} is {value!r}, expected an integer >= 0; the cache is damaged: rebuild it")
+    for name, dtype, shape in ((EMBEDDINGS, np.float32, (n, 2, e)), (LABELS, np.int32, (n,)),
+                               (CENTRES, np.float32, (e, c))):
+        if name != CENTRES or os.path.isfile(os.path.join(directory, name)):
+            _check_npy(os.path.join(directory, name), np.dtype(dtype), shape)
     return TeacherCache(directory, header)
+
+
+def _check_npy(path: str, dtype: np.dtype, shape: Tuple[int, ...]) -> None:
+    """ValueError naming the file unless its .npy header says `dtype` and `shape` and the file holds exactly that
+    many bytes. Checked before NumPy maps or reads it: np.load allocates the shape a header declares (2**40 rows)
+    before it finds the file short, and its own errors do not name the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+    width = 2 if head[6:8] == b"\x01\x00" else 4  # the header length is 2 bytes in version 1.0, else 4
+    if 8 + width + int.from_bytes(head[8:8 + width], "little") > size:  # NumPy reads it in one buffer (< 4 GiB)
+        raise ValueError(f"{path}: a .npy header longer than the file ({size} bytes); the cache is damaged: rebuild it")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            found_shape, _, found_dtype = read_header(f)
+            start = f.tell()
+    except (ValueError, SyntaxError, EOFError, tokenize.TokenError) as err:
+        raise ValueError(f"{path}: not a readable .npy header ({type(err).__name__}: {err}); the cache is damaged: "
+                         "rebuild it") from None
+    if found_dtype != dtype or found_shape != shape or size != start + math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{path}: {found_dtype} {found_shape} in {size} bytes (data from byte {start}), header.json "
+                         f"says {dtype} {shape}; the cache is damaged: rebuild it")
 
 
 _CHUNK = 65536  # rows per pass over a (memory-mapped) cache

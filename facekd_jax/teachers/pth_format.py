@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import re
@@ -73,6 +74,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if len(size) != len(stride) or storage_offset < 0 or any(s < 0 for s in size + stride):
         raise pickle.UnpicklingError(f"storage {storage.key}: a tensor of size {size}, stride {stride}, offset "
                                      f"{storage_offset} is not a view")
+    if math.prod(size) > flat.size:  # a zero or overlapping stride: np.array below would copy every repeat
+        raise pickle.UnpicklingError(f"storage {storage.key} holds {flat.size} elements; a tensor of size {size}, "
+                                     f"stride {stride} repeats them, which a state dict's tensors never do")
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else storage_offset - 1
     if last >= flat.size:
         raise pickle.UnpicklingError(f"storage {storage.key} holds {flat.size} elements; a tensor of size {size}, "
@@ -146,7 +150,18 @@ def _zip_prefix(archive: zipfile.ZipFile, path: str) -> str:
     if len(pickles) != 1:
         raise PthFormatError(f"{path}: a zip file but not a torch.save archive (expected one ARCHIVE/data.pkl, "
                              f"found {len(pickles)})")
+    # zipfile reads an entry with a buffer of the size the directory declares (up to 2 GiB at a time), so sizes
+    # are checked against the file first; 1032:1 is deflate's largest ratio (torch.save stores, never deflates).
+    size = os.path.getsize(path)
+    for info in archive.infolist():
+        if info.compress_size > size or info.file_size > 1032 * max(info.compress_size, 1):
+            raise PthFormatError(f"{path}: entry {info.filename} at byte {info.header_offset} declares "
+                                 f"{info.file_size} bytes ({info.compress_size} in the archive) in a {size}-byte file")
     return pickles[0][:-len("data.pkl")]
+
+
+# What zipfile raises on a damaged archive (OSError: a seek to a negative offset a damaged directory names).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, UnicodeDecodeError, NotImplementedError)
 
 
 def read_zip_state_dict(path: "str | os.PathLike") -> Any:
@@ -159,26 +174,29 @@ def read_zip_state_dict(path: "str | os.PathLike") -> Any:
         raise PthFormatError(f"{path}: not a zip archive: a legacy torch.save file (torch < 1.6) or not a PyTorch "
                              f"file at all; the legacy format is read only through torch ({TORCH_HINT}), or "
                              "re-save it with a current torch: torch.save(torch.load(path, weights_only=True), new)")
-    with zipfile.ZipFile(path) as archive:
-        prefix = _zip_prefix(archive, path)
-        try:
-            byteorder = archive.read(f"{prefix}byteorder").decode().strip()
-        except KeyError:
-            byteorder = "little"  # archives written before torch recorded it are little-endian
-        if byteorder not in ("little", "big"):
-            raise PthFormatError(f"{path}: {prefix}byteorder says {byteorder!r}, expected 'little' or 'big'")
-        unpickler = _StateDictUnpickler(archive.read(f"{prefix}data.pkl"), archive, prefix, byteorder)
-        try:
-            return unpickler.load()
-        except Exception as e:  # noqa: BLE001 - any failure of a foreign pickle is the file's, said in one line
-            if unpickler.refused:
-                module, name = unpickler.refused
-                raise PthFormatError(
-                    f"{path}: refused: its pickle names the global {module}.{name}, which a state dict never "
-                    "needs (nothing from the file was run; only tensors, storages and OrderedDict are allowed)"
-                ) from None
-            raise PthFormatError(f"{path}: {prefix}data.pkl is not a readable state dict ({type(e).__name__}: "
-                                 f"{e})") from None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            prefix = _zip_prefix(archive, path)
+            try:
+                byteorder = archive.read(f"{prefix}byteorder").decode().strip()
+            except KeyError:
+                byteorder = "little"  # archives written before torch recorded it are little-endian
+            if byteorder not in ("little", "big"):
+                raise PthFormatError(f"{path}: {prefix}byteorder says {byteorder!r}, expected 'little' or 'big'")
+            unpickler = _StateDictUnpickler(archive.read(f"{prefix}data.pkl"), archive, prefix, byteorder)
+            try:
+                return unpickler.load()
+            except Exception as e:  # noqa: BLE001 - any failure of a foreign pickle is the file's, said in one line
+                if unpickler.refused:
+                    module, name = unpickler.refused
+                    raise PthFormatError(
+                        f"{path}: refused: its pickle names the global {module}.{name}, which a state dict never "
+                        "needs (nothing from the file was run; only tensors, storages and OrderedDict are allowed)"
+                    ) from None
+                raise PthFormatError(f"{path}: {prefix}data.pkl is not a readable state dict ({type(e).__name__}: "
+                                     f"{e})") from None
+    except _ZIP_ERRORS as e:
+        raise PthFormatError(f"{path}: a damaged zip archive ({type(e).__name__}: {e})") from None
 
 
 def _torch_load(path: str) -> Any:
@@ -186,8 +204,11 @@ def _torch_load(path: str) -> Any:
     import torch
 
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            _zip_prefix(archive, path)  # refuses a TorchScript archive before torch would run it
+        try:
+            with zipfile.ZipFile(path) as archive:
+                _zip_prefix(archive, path)  # refuses a TorchScript archive before torch would run it
+        except _ZIP_ERRORS as e:
+            raise PthFormatError(f"{path}: a damaged zip archive ({type(e).__name__}: {e})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
