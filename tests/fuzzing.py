@@ -1070,9 +1070,9 @@ def _pairs_verify(pairs, path: str, info) -> Optional[str]:
 
 
 def _people_read(path: str):
-    from facekd_jax.data import sources
+    from facekd_jax.data import lfw_dev
 
-    return sources.read_people(path)
+    return lfw_dev.read_people(path)
 
 
 def _people_verify(people, path: str, info) -> Optional[str]:
@@ -1329,7 +1329,7 @@ READERS: Dict[str, Reader] = {
     "recordio-scan": Reader(_recordio_scan_read, _recordio_scan_verify, ("facekd_jax.data.recordio",)),
     "bin": Reader(_bin_read, _bin_verify, ("facekd_jax.data.verification",)),
     "pairs": Reader(_pairs_read, _pairs_verify, ("facekd_jax.data.verification",)),
-    "people": Reader(_people_read, _people_verify, ("facekd_jax.data.sources",)),
+    "people": Reader(_people_read, _people_verify, ("facekd_jax.data.lfw_dev",)),
     "dlib": Reader(_dlib_read, _dlib_verify, ("facekd_jax.teachers.dlib_format",), timeout=60.0),
     "pth": Reader(_pth_read, _pth_verify, ("facekd_jax.teachers.pth_format", "torch", "ml_dtypes")),
     # The vectorised integer walk holds a few int64 per byte of the file: 13x a valid file.

@@ -447,8 +447,8 @@ def test_recordio_source(tmp_path, caplog):
 
 def test_lfw_training_people_never_in_dev_test(lfw_dir):
     src = sources.open_source(f"lfw:{lfw_dir}", image_size=SIZE)
-    people = sources.read_people(str(lfw_dir / "peopleDevTrain.txt"))
     from facekd_jax.data import lfw_dev
+    people = lfw_dev.read_people(str(lfw_dir / "peopleDevTrain.txt"))
     held_out = lfw_dev.held_out(str(lfw_dir))  # the development split's people
     assert src.num_classes == sum(1 for name, n in people if n >= 2 and name not in held_out)
     test_names = set()

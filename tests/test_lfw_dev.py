@@ -34,10 +34,10 @@ def test_the_development_pairs_are_view_1_style_pairs_of_the_held_out_people(lfw
     pairs = lfw_dev.dev_pairs(str(lfw_dir))
     dev = set(lfw_dev.dev_people(str(lfw_dir)))
     assert len(pairs) == 2 * lfw_dev.DEV_PAIRS == len(set(pairs))
-    assert [p.issame for p in pairs[:6]] == [True, False] * 3  # interleaved: every fold holds both kinds
-    for p in pairs:
-        assert {p.name1, p.name2} <= dev and (p.name1 == p.name2) == p.issame
-        assert not p.issame or p.index1 != p.index2
+    assert [same for *_, same in pairs[:6]] == [True, False] * 3  # interleaved: every fold holds both kinds
+    for name1, index1, name2, index2, same in pairs:
+        assert {name1, name2} <= dev and (name1 == name2) == same
+        assert not same or index1 != index2
     images, issame = verification.load_verification(f"lfw-dev:{lfw_dir}", image_size=16)
     assert images.shape == (4 * lfw_dev.DEV_PAIRS, 16, 16, 3) and issame.sum() == lfw_dev.DEV_PAIRS
     assert images.std() > 20  # real faces

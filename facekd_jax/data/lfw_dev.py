@@ -46,8 +46,31 @@ def check_test_pairs_allowed(what: str) -> None:
 
 
 def read_people(path: str) -> List[Tuple[str, int]]:
-    from facekd_jax.data.sources import read_people as read
-    return read(path)
+    """LFW people file (peopleDevTrain.txt: a count line, then 'name<TAB>n_images') -> [(name, n_images)].
+
+    ValueError names the file and line: a malformed line, text that is not UTF-8, or fewer or more people than the
+    count line says (a truncated file would otherwise lose people silently)."""
+    people = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.split() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+    count = None
+    for lineno, fields in enumerate(lines, 1):
+        if len(fields) == 1 and lineno == 1 and fields[0].isdecimal():
+            count = int(fields[0])  # the count header
+            continue
+        # isdecimal, not isdigit: int() refuses digits such as '²' that isdigit accepts
+        if len(fields) != 2 or not fields[1].isdecimal():
+            raise ValueError(f"{path}:{lineno}: expected 'name<TAB>count', got {' '.join(fields)!r}")
+        people.append((fields[0], int(fields[1])))
+    if not people:
+        raise ValueError(f"{path}: no people in the file (expected a count line, then 'name<TAB>count' lines)")
+    if count is not None and count != len(people):
+        raise ValueError(f"{path}:1: the count line says {count} people but the file lists {len(people)} (a "
+                         "truncated or edited file?)")
+    return people
 
 
 @functools.lru_cache(maxsize=4)
@@ -65,11 +88,9 @@ def held_out(root: str) -> Set[str]:
     return set(dev_people(root))
 
 
-def dev_pairs(root: str):
-    """The development pairs of `root` as verification.Pair values (image numbers from 1, as LFW's files),
-    interleaved same, different, same, ..."""
-    from facekd_jax.data.verification import Pair
-
+def dev_pairs(root: str) -> List[Tuple[str, int, str, int, bool]]:
+    """The development pairs of `root`, (name1, image1, name2, image2, same) with image numbers from 1 as in LFW's
+    files, interleaved same, different, same, ..."""
     counts = dict(read_people(os.path.join(root, PEOPLE_TRAIN)))
     names = list(dev_people(root))
     rng = np.random.default_rng(DEV_SEED + 1)
@@ -77,10 +98,10 @@ def dev_pairs(root: str):
     while len(same) < DEV_PAIRS:
         name = names[rng.integers(len(names))]
         i, j = sorted(int(v) + 1 for v in rng.choice(counts[name], size=2, replace=False))
-        same.setdefault((name, i, j), Pair(name, i, name, j, True, len(same) + 1))
+        same.setdefault((name, i, j), (name, i, name, j, True))
     different: dict = {}
     while len(different) < DEV_PAIRS:
         a, b = sorted(rng.choice(len(names), size=2, replace=False))
         i, j = int(rng.integers(counts[names[a]])) + 1, int(rng.integers(counts[names[b]])) + 1
-        different.setdefault((a, i, b, j), Pair(names[a], i, names[b], j, False, DEV_PAIRS + len(different) + 1))
+        different.setdefault((a, i, b, j), (names[a], i, names[b], j, False))
     return [p for pair in zip(same.values(), different.values()) for p in pair]

@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from facekd_jax.data import images as images_lib
+from facekd_jax.data import lfw_dev
 from facekd_jax.data import specs as specs_lib
 from facekd_jax.data import synthetic as synthetic_lib
 from facekd_jax.data.specs import LFW_IMAGES, DataSpec
@@ -145,38 +146,9 @@ def folder_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
                         + (f", crop {crop}" if crop else ""))
 
 
-def read_people(path: str) -> List[Tuple[str, int]]:
-    """LFW people file (peopleDevTrain.txt: a count line, then 'name<TAB>n_images') -> [(name, n_images)].
-
-    ValueError names the file and line: a malformed line, text that is not UTF-8, or fewer or more people than the
-    count line says (a truncated file would otherwise lose people silently)."""
-    people = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.split() for line in f if line.strip()]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
-    count = None
-    for lineno, fields in enumerate(lines, 1):
-        if len(fields) == 1 and lineno == 1 and fields[0].isdecimal():
-            count = int(fields[0])  # the count header
-            continue
-        # isdecimal, not isdigit: int() refuses digits such as '²' that isdigit accepts
-        if len(fields) != 2 or not fields[1].isdecimal():
-            raise ValueError(f"{path}:{lineno}: expected 'name<TAB>count', got {' '.join(fields)!r}")
-        people.append((fields[0], int(fields[1])))
-    if not people:
-        raise ValueError(f"{path}: no people in the file (expected a count line, then 'name<TAB>count' lines)")
-    if count is not None and count != len(people):
-        raise ValueError(f"{path}:1: the count line says {count} people but the file lists {len(people)} (a "
-                         "truncated or edited file?)")
-    return people
-
-
 def lfw_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
     """LFW's View 1 training people (peopleDevTrain.txt), never in pairsDevTest.txt, without the development
     split's people (data.lfw_dev): `lfw:` those with >= 2 images, `lfw-all:` all of them."""
-    from facekd_jax.data import lfw_dev
 
     root, crop, min_images = spec.path, specs_lib.default_crop(spec), 2 if spec.kind == "lfw" else 1
     people_txt = os.path.join(root, "peopleDevTrain.txt")
@@ -185,7 +157,7 @@ def lfw_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
         if not os.path.exists(p):
             raise FileNotFoundError(f"LFW training data needs {p} (spec 'lfw:{root}')")
     held_out = lfw_dev.held_out(root)
-    wanted = sorted(name for name, n in read_people(people_txt) if n >= min_images and name not in held_out)
+    wanted = sorted(name for name, n in lfw_dev.read_people(people_txt) if n >= min_images and name not in held_out)
     paths, labels = [], []
     for label, name in enumerate(wanted):
         pdir = os.path.join(images_dir, name)

@@ -321,7 +321,7 @@ def lfw_dev_pairs(spec: DataSpec, *, image_size: int) -> Tuple[np.ndarray, np.nd
 
     if not os.path.isdir(spec.path):
         raise FileNotFoundError(f"LFW folder not found: {spec.path} (spec {str(spec)!r})")
-    pairs = lfw_dev.dev_pairs(spec.path)
+    pairs = [Pair(*pair, line) for line, pair in enumerate(lfw_dev.dev_pairs(spec.path), 1)]
     paths = pair_image_paths(pairs, _lfw_dirs(spec.path), pairs_txt=f"{spec.path} development pairs")
     images = decode_paths(paths, image_size=image_size, crop=specs_lib.default_crop(spec))
     return images, np.array([p.issame for p in pairs], dtype=bool)
