@@ -926,9 +926,9 @@ def build_seed(name: str, workdir: str) -> Seed:
 
 
 def _recordio_read(root: str):
-    from facekd_jax.data import recordio
+    from facekd_jax.data import insightface_rec
 
-    index = recordio.read_insightface(root)
+    index = insightface_rec.read_insightface(root)
     return index, [index.read_image(i) for i in range(index.num_images)]
 
 
@@ -1325,8 +1325,8 @@ class Reader:
 
 
 READERS: Dict[str, Reader] = {
-    "recordio": Reader(_recordio_read, _recordio_verify, ("facekd_jax.data.recordio",)),
-    "recordio-scan": Reader(_recordio_scan_read, _recordio_scan_verify, ("facekd_jax.data.recordio",)),
+    "recordio": Reader(_recordio_read, _recordio_verify, ("facekd_jax.data.insightface_rec",)),
+    "recordio-scan": Reader(_recordio_scan_read, _recordio_scan_verify, ("facekd_jax.data.insightface_rec",)),
     "bin": Reader(_bin_read, _bin_verify, ("facekd_jax.data.verification",)),
     "pairs": Reader(_pairs_read, _pairs_verify, ("facekd_jax.data.verification",)),
     "people": Reader(_people_read, _people_verify, ("facekd_jax.data.lfw_dev",)),

@@ -1,6 +1,5 @@
 """Checkpoints: exact resume after SIGKILL, SIGTERM saves, restore across device counts, damaged
 checkpoints passed over (and kept), NaN losses stop with the last good checkpoint kept."""
-import os
 import pathlib
 import signal
 import subprocess

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from facekd_jax.data import convert, recordio, specs, verification
+from facekd_jax.data import convert, insightface_rec, recordio, specs, verification
 from facekd_jax.data import images as images_lib
 from facekd_jax.data.folder import list_folder
 
@@ -114,7 +114,7 @@ def test_read_insightface_with_header(tmp_path):
     labels = [0, 0, 1, 2, 2, 2]
     records, images = insightface_records(labels, magic_in=2, array_label=5)
     d = write_dataset(tmp_path / "ds", records, prop="3,112,112")
-    index = recordio.read_insightface(d)
+    index = insightface_rec.read_insightface(d)
     assert index.has_header and index.num_classes == 3 and index.image_size == 112
     np.testing.assert_array_equal(index.keys, np.arange(1, 7))
     np.testing.assert_array_equal(index.labels, labels)
@@ -139,7 +139,7 @@ def test_read_without_header_idx_or_property(tmp_path):
     labels = [4, 1, 1, 0]
     records = [(k, ref_pack(float(lab), jpeg_bytes(k))) for k, lab in enumerate(labels)]
     d = write_dataset(tmp_path / "plain", records, idx=False)
-    index = recordio.read_insightface(d)
+    index = insightface_rec.read_insightface(d)
     assert not index.has_header and index.image_size is None
     assert index.num_classes == 5  # max label + 1
     np.testing.assert_array_equal(index.keys, [0, 1, 2, 3])
@@ -178,9 +178,9 @@ def test_framing_roundtrip_with_magic_anywhere(tmp_path, specs):
 
 def test_write_insightface_roundtrip(tmp_path):
     items = [(jpeg_bytes(i), lab) for i, lab in enumerate([0, 0, 2, 2, 2])]  # class 1 has no image
-    n = recordio.write_insightface(tmp_path / "w", iter(items), num_classes=3, image_size=16)
+    n = insightface_rec.write_insightface(tmp_path / "w", iter(items), num_classes=3, image_size=16)
     assert n == 5
-    index = recordio.read_insightface(tmp_path / "w")
+    index = insightface_rec.read_insightface(tmp_path / "w")
     assert index.has_header and index.num_classes == 3 and index.image_size == 16
     np.testing.assert_array_equal(index.labels, [0, 0, 2, 2, 2])
     assert [index.read_image(i) for i in range(5)] == [b for b, _ in items]
@@ -200,10 +200,10 @@ def test_truncated_rec_names_file_and_record(tmp_path):
     with open(rec, "r+b") as f:
         f.truncate(offsets[3] + 20)  # record 3 cut inside its image
     with pytest.raises(recordio.RecordIOError, match=r"train\.rec.*record 3"):
-        recordio.read_insightface(d)
+        insightface_rec.read_insightface(d)
     os.remove(os.path.join(d, "train.idx"))  # scanning a truncated file fails as clearly
     with pytest.raises(recordio.RecordIOError, match=r"train\.rec.*record #3.*truncated"):
-        recordio.read_insightface(d)
+        insightface_rec.read_insightface(d)
 
 
 def test_truncated_idx_names_file(tmp_path):
@@ -214,28 +214,28 @@ def test_truncated_idx_names_file(tmp_path):
     with open(idx, "w") as f:
         f.write(text[:-3])  # last line cut inside the offset: points into the middle of a record
     with pytest.raises(recordio.RecordIOError, match=r"train\.idx|record 3"):
-        recordio.read_insightface(d)
+        insightface_rec.read_insightface(d)
     with open(idx, "w") as f:
         f.write(text.rsplit("\n", 2)[0] + "\n")  # last line missing: a record would silently disappear
     with pytest.raises(recordio.RecordIOError, match=r"train\.idx.*truncated"):
-        recordio.read_insightface(d)
+        insightface_rec.read_insightface(d)
     with open(idx, "w") as f:
         f.write(text.replace("\t", "\tx", 1))
     with pytest.raises(recordio.RecordIOError, match=r"train\.idx.*line 1"):
-        recordio.read_insightface(d)
+        insightface_rec.read_insightface(d)
 
 
 def test_label_out_of_range_and_missing_path(tmp_path):
     records = [(k, ref_pack(float(lab), jpeg_bytes(k))) for k, lab in enumerate([0, 1, 5])]
     d = write_dataset(tmp_path / "l", records, prop="3,112,112")
     with pytest.raises(recordio.RecordIOError, match=r"record 2 .*label 5 is outside \[0, 3\)"):
-        recordio.read_insightface(d)
+        insightface_rec.read_insightface(d)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        recordio.read_insightface(tmp_path / "nowhere")
+        insightface_rec.read_insightface(tmp_path / "nowhere")
     with open(os.path.join(d, "train.idx"), "w") as f:
         f.write("0\t0\n1\t6\n2\t0\n")  # offset 6 is not a record start
     with pytest.raises(recordio.RecordIOError, match=r"record 1\b.*bad magic"):
-        recordio.read_insightface(d)
+        insightface_rec.read_insightface(d)
 
 
 # ------------------------------------------------------------------------------------------- folders & converters
@@ -285,7 +285,7 @@ def test_convert_folder_to_recordio_skips_corrupt(tmp_path, caplog):
     assert "c1_truncated.jpg" in caplog.text and "c2_garbage.jpg" in caplog.text
     assert sorted(os.listdir(out)) == ["property", "train.idx", "train.rec"]
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
-    index = recordio.read_insightface(out)
+    index = insightface_rec.read_insightface(out)
     assert index.has_header and index.num_classes == 3 and index.image_size == 16
     np.testing.assert_array_equal(index.labels, [0, 0, 1, 1, 1, 2])
     assert index.read_image(0) == (root / "alice" / "a0.jpg").read_bytes()  # right-sized JPEG stored as is
@@ -305,7 +305,7 @@ def test_convert_folder_to_recordio_skips_corrupt(tmp_path, caplog):
     assert (out / "train.rec").read_bytes() == before
     rc = convert.main(["--input", f"folder:{root}", "--output", str(out), "--image-size", "8", "--overwrite",
                        "--no-progress"])
-    assert rc == 0 and recordio.read_insightface(out).image_size == 8
+    assert rc == 0 and insightface_rec.read_insightface(out).image_size == 8
 
 
 def test_convert_recordio_to_tfds(tmp_path):
@@ -326,7 +326,7 @@ def test_convert_recordio_to_tfds(tmp_path):
     assert ex["image"].shape == (16, 16, 3) and ex["image"].dtype == np.uint8
     # and the same input to insightface RecordIO: images regrouped by label, identity header added
     convert.convert_dataset(f"recordio:{src}", tmp_path / "rec_out", image_size=16, progress=False)
-    index = recordio.read_insightface(tmp_path / "rec_out")
+    index = insightface_rec.read_insightface(tmp_path / "rec_out")
     np.testing.assert_array_equal(index.labels, [0, 0, 1, 2])
 
 

@@ -425,13 +425,13 @@ def test_tfds_text_labels_map_through_sorted_vocabulary(tmp_path):
 
 
 def test_recordio_source(tmp_path, caplog):
-    from facekd_jax.data import recordio
+    from facekd_jax.data import insightface_rec
 
     items = colour_items(2)
     items.insert(2, (truncated_jpeg(), 1))  # labels stay grouped: 0 0 1(corrupt) 1 1 2 2 3 3
     items[2], items[3] = items[3], items[2]
     items = sorted(items, key=lambda x: x[1])
-    recordio.write_insightface(str(tmp_path), iter(items), num_classes=4, image_size=SIZE)
+    insightface_rec.write_insightface(str(tmp_path), iter(items), num_classes=4, image_size=SIZE)
     caplog.set_level(logging.WARNING)
     before = corrupt_skipped()
     batches, info = make_train_dataset(f"recordio:{tmp_path}", batch_size=3, image_size=SIZE, **ONE_PROCESS)

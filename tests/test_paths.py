@@ -13,7 +13,6 @@ from etils.epath import gpath as epath_gpath
 from etils.epath import testing as epath_testing
 
 from runs import one_device, tiny_config
-from facekd_jax import checkpoint as ckpt_lib
 from facekd_jax import paths
 from facekd_jax import errors, eval_only, train
 

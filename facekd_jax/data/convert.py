@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from facekd_jax.data import images as images_lib
-from facekd_jax.data import recordio, sources, specs, verification
+from facekd_jax.data import insightface_rec, sources, specs, verification
 
 log = logging.getLogger("facekd_jax.data.convert")
 
@@ -178,7 +178,7 @@ def _publish(tmp: str, out: str, overwrite: bool) -> None:
 
 def write_recordio(out_dir: str, items: Iterator[Tuple[bytes, int]], *, num_classes: int, image_size: int) -> int:
     """insightface train.rec/train.idx/property in out_dir; returns the number of images written."""
-    return recordio.write_insightface(out_dir, items, num_classes=num_classes, image_size=image_size)
+    return insightface_rec.write_insightface(out_dir, items, num_classes=num_classes, image_size=image_size)
 
 
 def _tfds_name(out: str) -> str:

@@ -173,8 +173,8 @@ def lfw_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
 
 
 def recordio_source(spec: DataSpec, *, image_size: int = 0) -> IndexedSource:
-    """insightface train.rec via recordio.read_insightface; image bytes are sliced from a memory map."""
-    from facekd_jax.data.recordio import read_insightface
+    """insightface train.rec via insightface_rec.read_insightface; image bytes are sliced from a memory map."""
+    from facekd_jax.data.insightface_rec import read_insightface
     root, crop = spec.path, specs_lib.default_crop(spec)
     index = read_insightface(root)
 
