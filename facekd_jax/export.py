@@ -356,12 +356,15 @@ def export(workdir: str, *, fmt: str, precision: str, out: str, checkpoint: str 
                                                             student.image_size)}
             log(f"verification on {verify}: exported {record['verification']['exported']['accuracy']:.4f}, "
                 f"JAX {record['verification']['jax']['accuracy']:.4f}")
-    except BaseException:
-        os.remove(tmp)
+        with errors.writing(out + ".json.tmp"), open(out + ".json.tmp", "w") as f:
+            json.dump(record, f, indent=2)
+    except BaseException:  # a failed gate or a full disk: the files of an earlier export stay as they were
+        for path in (tmp, out + ".json.tmp"):
+            if os.path.exists(path):
+                os.remove(path)
         raise
     os.replace(tmp, out)
-    with open(out + ".json", "w") as f:
-        json.dump(record, f, indent=2)
+    os.replace(out + ".json.tmp", out + ".json")
     log(f"wrote {out} ({len(blob) / 2**20:.2f} MiB) and {out}.json")
     return record
 

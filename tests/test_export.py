@@ -97,25 +97,31 @@ def test_a_missing_extra_names_the_install_command(monkeypatch):
         export._require("tf2onnx")
 
 
-def test_an_export_onto_a_full_disk_is_one_error_naming_the_file_and_leaves_nothing(run, lfw_dir, tmp_path):
+def test_an_export_onto_a_full_disk_is_one_error_naming_the_file_and_keeps_the_earlier_export(run, lfw_dir,
+                                                                                                tmp_path):
     import errno
+    import subprocess
 
     from facekd_jax import errors
     from test_full_disk import Disk
 
     root = tmp_path / "disk"
     root.mkdir()
-    import subprocess
-
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(root)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (not root): the full-disk case needs a small real file system")
     try:
-        Disk(root).fill()
-        out = root / "student.tflite"
+        disk, out = Disk(root), root / "student.tflite"
+        _export(run, lfw_dir, "tflite", "fp32", out)
+        before = {p.name: p.read_bytes() for p in root.iterdir()}
+        disk.fill()
         with pytest.raises(OSError) as e:
             _export(run, lfw_dir, "tflite", "fp32", out)
         assert e.value.errno == errno.ENOSPC and str(e.value.filename) == f"{out}.tmp"
         assert errors.exit_status(e.value) == errors.EXIT_ERROR
-        assert sorted(p.name for p in root.iterdir()) == ["filler"]  # no model, no FILE.tmp, no contract
+        disk.free()
+        # The earlier export and its contract as they were: no FILE.tmp, nothing half-written.
+        assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+        record = _export(run, lfw_dir, "tflite", "fp32", out)  # room again: the same command works
+        assert json.loads((root / "student.tflite.json").read_text())["bytes"] == record["bytes"] == out.stat().st_size
     finally:
         subprocess.run(["umount", "-l", str(root)], capture_output=True)

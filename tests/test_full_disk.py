@@ -1,6 +1,7 @@
 """A full disk: a run whose file system fills during a checkpoint save, an evaluation write, a teacher cache build
 or an export stops with one line naming the path and the cause, keeps everything written before, and resumes
-exactly once space is freed. On a small tmpfs the test mounts (root only; skipped elsewhere, with the reason)."""
+exactly once space is freed. On a small tmpfs the test mounts (root only; skipped elsewhere, with the reason).
+The export's case is in test_export.py, beside the student it exports."""
 import errno
 import pathlib
 import subprocess
