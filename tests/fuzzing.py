@@ -1365,10 +1365,6 @@ READERS.update({f"selftest-{case}": _selftest(case)
 # Failures found and understood but not fixable in the reader's own module: reader -> [(a phrase of the failure,
 # where the fix belongs)]. They are counted apart (Report.known), never as passes.
 KNOWN = {
-    "shape-predictor": [("which dlib wraps negative",
-                         "facekd_jax/data/shape_predictor.py: an 8-byte integer of 2**63 or more in a signed field (a "
-                         "float's mantissa) is read as its magnitude where dlib wraps it negative, so the model's "
-                         "points differ from dlib's; such an integer should be refused like one of 9 bytes")],
     "tfrecord": [("the input pipeline failed at step",
                   "facekd_jax/data/pipeline.py: a TFRecord stream stops with a RuntimeError naming no file on a JPEG "
                   "whose markers are intact but whose body TensorFlow's fast decoder cannot decode (Batches of a "

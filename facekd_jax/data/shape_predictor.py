@@ -224,6 +224,8 @@ class _Ints:
         del steps, chain
         self.nbytes = b[self.offsets] & 0x0F
         self.negative = (b[self.offsets] & 0x80) != 0
+        # A magnitude of 2**63 or more in 8 bytes: dlib reads it into an int64 and it wraps; refused where signed.
+        self.wraps = (self.nbytes == 8) & ((b[np.minimum(self.offsets + 8, n - 1)] & 0x80) != 0)
         # Each integer's value bytes read as one little-endian uint64 (an overlapping view), masked to its length.
         padded = np.concatenate([b, np.zeros(8, np.uint8)])
         words = np.ndarray((n + 1,), "<u8", padded, strides=(1,))[self.offsets + 1]
@@ -273,7 +275,7 @@ class _Ints:
         kind = np.resize(np.arange(len(kinds)), available)
         limits = np.array([_KINDS[k][0] for k in kinds])[kind]
         signed = np.array([_KINDS[k][1] for k in kinds])[kind]
-        bad = (self.nbytes[sl] > limits) | (self.negative[sl] & ~signed)
+        bad = (self.nbytes[sl] > limits) | (self.negative[sl] & ~signed) | (self.wraps[sl] & signed & (limits == 8))
         exponent = np.array([k == "exponent" for k in kinds])[kind]
         bad |= exponent & ((self.values[sl] > 32767) | (self.values[sl] < -32768))
         if bad.any():
@@ -281,6 +283,7 @@ class _Ints:
             k = kinds[i % len(kinds)]
             value = self.exact(start + i)
             raise self.error(start + i, f"{what(i)} (a dlib {k}: at most {_KINDS[k][0]} bytes"
+                             f"{', magnitude below 2**63' if _KINDS[k] == (8, True) else ''}"
                              f"{'' if _KINDS[k][1] else ', not negative'})",
                              f"{value} in {int(self.nbytes[start + i])} bytes")
         if available < count:
