@@ -1364,12 +1364,7 @@ READERS.update({f"selftest-{case}": _selftest(case)
                 for case in ("ok", "error", "hang", "crash", "wrong", "big", "unnamed", "other")})
 # Failures found and understood but not fixable in the reader's own module: reader -> [(a phrase of the failure,
 # where the fix belongs)]. They are counted apart (Report.known), never as passes.
-KNOWN = {
-    "tfrecord": [("the input pipeline failed at step",
-                  "facekd_jax/data/pipeline.py: a TFRecord stream stops with a RuntimeError naming no file on a JPEG "
-                  "whose markers are intact but whose body TensorFlow's fast decoder cannot decode (Batches of a "
-                  "StreamSource get no find_undecodable); the module docstring says such a record is dropped")],
-}
+KNOWN: Dict[str, List[Tuple[str, str]]] = {}
 # seed -> the reader that reads it
 SEEDS = {"recordio": "recordio", "recordio-scan": "recordio-scan", "bin": "bin", "bin-py2": "bin", "pairs": "pairs",
          "people": "people", "dlib": "dlib", "shape-predictor": "shape-predictor", "pth": "pth", "tfrecord": "tfrecord",

@@ -316,18 +316,21 @@ def assert_colours_match_labels(batch):
 def test_tfrecord_source_keys_corrupt_and_determinism(tmp_path, caplog):
     items = colour_items()
     write_tfrecord(tmp_path / "a.tfrecord", items[:6], "image/encoded", "image/class/label")
-    write_tfrecord(tmp_path / "b.tfrecord", items[6:] + [(truncated_jpeg(), 0)], "image/encoded",
-                   "image/class/label")
+    # A truncated JPEG (found while decoding) and one whose header TensorFlow accepts but whose body it cannot
+    # decode (the pipeline fails on it; found, named once and dropped, the stream restarted without it).
+    write_tfrecord(tmp_path / "b.tfrecord", items[6:] + [(truncated_jpeg(), 0), (corrupt_body_jpeg(), 1)],
+                   "image/encoded", "image/class/label")
     spec = f"tfrecord:{tmp_path}/*.tfrecord"
-    before = corrupt_skipped()
+    before, named = corrupt_skipped(), len(images_lib.CORRUPT.names)
     caplog.set_level(logging.WARNING)
     batches, info = make_train_dataset(spec, batch_size=4, image_size=SIZE, shuffle_buffer=8, **ONE_PROCESS)
-    assert info["num_images"] == 13 and info["num_classes"] == 4
+    assert info["num_images"] == 14 and info["num_classes"] == 4
     got = take(batches, 7)  # > 2 epochs
     for batch in got:
         assert_colours_match_labels(batch)
     assert corrupt_skipped() - before >= 2
     assert any(f"b.tfrecord:record 6" in r.getMessage() for r in caplog.records)
+    assert images_lib.CORRUPT.names[named:].count(f"{tmp_path}/b.tfrecord:record 7") == 1
     again = take(make_train_dataset(spec, batch_size=4, image_size=SIZE, shuffle_buffer=8, **ONE_PROCESS)[0], 7)
     assert_equal_batches(got, again)
 

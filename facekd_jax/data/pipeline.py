@@ -25,7 +25,8 @@ the same batches, without JPEG decoding competing with the train step for the ho
 
 Streaming sources (tfrecord, tfds) are read in a seeded order: files shuffled per epoch, a seeded shuffle
 buffer, per-process file shards (tfds.split_for_jax_process for TFDS). `start_step=k` skips k*B records of
-that deterministic order before any decoding. A corrupt record there is dropped, so after one the positions
+that deterministic order before any decoding. A corrupt record there is dropped and named once (one whose image
+TensorFlow's decoder fails on is found as above and the stream restarted without it), so after one the positions
 of later batches shift by one image; resume is exact as long as no corrupt record lies among the skipped.
 
 tf.data options follow big_vision: a private thread pool, one thread per op, no injected prefetch (it
@@ -112,7 +113,7 @@ class Batches:
         for index, name in sorted(bad.items()):
             images_lib.CORRUPT.add(name)
             log.warning("skipping corrupt image (%d so far): %s: TensorFlow's decoder failed on its bytes (example "
-                        "%d; skipped from now on, not named again)", images_lib.CORRUPT.count, name, index)
+                        "%s; skipped from now on, not named again)", images_lib.CORRUPT.count, name, index)
         self.skipped.update(bad)
         self._it = None
         self.dataset = self._rebuild(self.step, frozenset(self.skipped))
@@ -250,6 +251,19 @@ def _decode_eagerly(src: sources_lib.IndexedSource, index: int, *, image_size: i
     i_t = tf.constant(index, tf.int64)
     encoded = src.read(tf.reshape(i_t, (1,)))[0] if src.read_batched else src.read(i_t)
     return images_lib.decode_image_tf(encoded, image_size=image_size, crop=src.crop, name=src.name(i_t))
+
+
+def find_undecodable_records(records: tf.data.Dataset, *, crop, image_size: int) -> Dict[str, str]:
+    """{name: name} of the (encoded, label, name) records of a stream whose bytes TensorFlow's decoders reject,
+    found by decoding each eagerly."""
+    bad: Dict[str, str] = {}
+    for encoded, _, name in records.as_numpy_iterator():
+        name = bytes(name).decode("utf-8", "replace")
+        try:
+            images_lib.decode_image_tf(tf.constant(encoded), image_size=image_size, crop=crop, name=name)
+        except tf.errors.OpError:
+            bad[name] = name
+    return bad
 
 
 def _name(src: sources_lib.IndexedSource, index: int) -> str:
@@ -409,9 +423,14 @@ def _decoded_dataset(decoded: Tuple[np.ndarray, np.ndarray], labels: np.ndarray,
 
 def _stream_dataset(src: sources_lib.StreamSource, *, batch_size: int, image_size: int, seed: int,
                     start_step: int, augment: bool, process_index: int, process_count: int,
-                    shuffle_buffer: Optional[int]) -> tf.data.Dataset:
+                    shuffle_buffer: Optional[int], skip: frozenset = frozenset()) -> tf.data.Dataset:
+    """The batches of a stream from `start_step`; records named in `skip` (their images TensorFlow's decoder
+    failed on, `find_undecodable_records`) are dropped before decoding."""
     ds = src.dataset(seed, process_index, process_count, shuffle_buffer or DEFAULT_SHUFFLE_BUFFER)
     ds = ds.skip(start_step * batch_size)  # before decoding: resuming costs reading, not decoding
+    if skip:
+        names = tf.constant(sorted(skip))
+        ds = ds.filter(lambda encoded, label, name: tf.logical_not(tf.reduce_any(tf.equal(name, names))))
     ds = ds.enumerate(start=start_step * batch_size)
 
     def load(position, example):
@@ -495,8 +514,17 @@ def make_train_dataset(spec: "str | specs_lib.DataSpec", *, batch_size: int, ima
         if teacher_embeddings is not None:
             raise ValueError(f"make_train_dataset({spec!r}): cached teacher embeddings need an indexed source "
                              "(synthetic, folder, lfw, recordio); a streaming source has no stable example index")
-        ds = _stream_dataset(src, shuffle_buffer=shuffle_buffer, **kwargs)
-        batches = Batches(ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options()), start_step=start_step)
+        def build_stream(start: int, skip: frozenset) -> tf.data.Dataset:
+            ds = _stream_dataset(src, shuffle_buffer=shuffle_buffer, skip=skip, **dict(kwargs, start_step=start))
+            return ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
+
+        def find_records(step: int) -> Dict[str, str]:  # the records of this batch and those prefetched behind it
+            ds = src.dataset(seed, process_index, process_count, shuffle_buffer or DEFAULT_SHUFFLE_BUFFER)
+            return find_undecodable_records(ds.skip(step * batch_size).take(batch_size * (PREFETCH_BATCHES + 3)),
+                                            crop=src.crop, image_size=image_size)
+
+        batches = Batches(build_stream(start_step, frozenset()), rebuild=build_stream, find_undecodable=find_records,
+                          start_step=start_step)
     global_batch = batch_size * process_count
     info = dict(num_classes=int(src.num_classes), num_images=int(src.num_images), source=src.description,
                 synthetic=bool(src.synthetic), spec=str(spec), image_size=int(image_size), batch_size=int(batch_size),
