@@ -22,11 +22,12 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 demo: $(STAMP)
 	$(PY) -m facekd_jax.suite --config=configs/demo.py --workdir=runs/demo
 
-# The thesis's question on real faces (README): dlib's imported teacher, MobileFaceNet students, every KD method,
-# three seeds, on ../shared/data/lfw (LFW=DIR for another copy). Resumes where it stopped.
+# The thesis's question on real faces (README, docs/results.md): dlib's imported teacher, MobileFaceNet students,
+# the rows the development sweep chose, three seeds, on LFW aligned from ../shared/data/lfw (LFW=DIR for another
+# copy). Resumes where it stopped.
 LFW ?= ../shared/data/lfw
-lfw-dlib: $(STAMP)
-	$(PY) -m facekd_jax.suite --config=configs/lfw_dlib.py:data.root=$(LFW) --workdir=runs/lfw_dlib --seeds=3
+lfw-dlib: $(STAMP) runs/lfw_aligned
+	$(PY) -m facekd_jax.suite --config=configs/lfw_dlib.py --workdir=runs/lfw_dlib --seeds=3
 
 # LFW aligned by dlib's five landmarks (python -m facekd_jax.data.convert align; about 15 minutes on 2 cores), where
 # configs/lfw_dlib.py reads it.
