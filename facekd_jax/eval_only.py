@@ -10,6 +10,7 @@ prints them. A gs:// workdir is evaluated from a local copy and its eval/ pushed
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict
 
 import jax
@@ -32,7 +33,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: 
         train.single_host_for_url(workdir)
         with paths.RemoteWorkdir(workdir, local=paths.staging_dir(workdir) + "-eval", lock=False) as stage:
             return evaluate_workdir(config, stage.local, which=which)
-    config = rundir.trained_architecture(config, workdir)
+    config = _teacher_crops(rundir.trained_architecture(config, workdir), workdir)
     mesh = sharding.make_mesh(1)
     # The run's kernels: XLA:CPU's own depthwise convolutions would make a MobileFaceNet's eval 6x slower.
     model = rundir.load_model(workdir, config, which=which, layers=step_lib.model_layers(config, mesh),
@@ -50,3 +51,20 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, which: 
     if jax.process_index() == 0:
         eval_lib.write_results(f"{workdir}/eval", results, step=model.step)
     return {"step": model.step, "results": results}
+
+
+def _teacher_crops(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """An imported teacher's run (teachers.imported: its teacher.json) is evaluated on its own crop where a set
+    names none, as the suite's teacher row and its caches are: dlib's box on LFW, its chip in an aligned copy."""
+    from facekd_jax.teachers import imported
+
+    if not os.path.isfile(os.path.join(workdir, imported.TEACHER_JSON)):
+        return config
+    run = imported.read_teacher_run(workdir)
+    targets = []
+    for text in config.data.val_targets:
+        spec = specs.parse(text, specs.VERIFICATION, root=config.data.root)
+        crop = run.crop_for(spec) if spec.info.takes_crop and spec.crop is None else None
+        targets.append(str(spec.replace(crop=crop)) if crop else text)
+    config.data.val_targets = tuple(targets)
+    return config

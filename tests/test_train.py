@@ -321,6 +321,21 @@ def test_eval_architecture_comes_from_the_run_and_a_damaged_run_config_is_named(
     assert (tmp_path / "config.json").read_text() == '{"model": "resn'  # nothing rewritten
 
 
+def test_eval_of_an_imported_teacher_takes_its_own_crop_where_a_set_names_none(tmp_path, lfw_dir):
+    """--mode=eval of an imported teacher's run (its teacher.json) evaluates on the teacher's crop, as the suite's
+    teacher row and its caches do; a set with a crop of its own, and one that takes none, stay as given."""
+    saved = tiny_config("baseline_resnet56", model="dlib_resnet29", embedding_size=128, **{"data.image_size": 150})
+    (tmp_path / "config.json").write_text(saved.to_json())
+    (tmp_path / "teacher.json").write_text(json.dumps({"crops": {"lfw": [68, 77, 184, 193]}}))
+    config = tiny_config("baseline_resnet56", **{"data.root": str(lfw_dir), "data.val_targets": (
+        "lfw:{root}", "lfw-view2:{root}@1,2,30,40", "synthetic:20")})
+    got = eval_only._teacher_crops(rundir.trained_architecture(config, str(tmp_path)), str(tmp_path))
+    assert got.data.val_targets == (f"lfw:{lfw_dir}@68,77,184,193", "lfw-view2:{root}@1,2,30,40", "synthetic:20")
+    (tmp_path / "teacher.json").unlink()  # a trained run: its sets as given
+    assert eval_only._teacher_crops(rundir.trained_architecture(config, str(tmp_path)),
+                                    str(tmp_path)).data.val_targets == config.data.val_targets
+
+
 def test_a_config_file_outside_the_repository_trains_from_another_directory(tmp_path):
     """Config files import only the installed package (facekd_jax.config_lib), not the repository's configs/."""
     import shutil
