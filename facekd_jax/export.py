@@ -278,6 +278,17 @@ def verify_runtime(embed: Callable[[np.ndarray], np.ndarray], spec: str, image_s
 # ------------------------------------------------------------------------------------------------ the command
 
 
+def _contract(student, mean: float, scale: float) -> Dict[str, Any]:
+    """The exported model's input and output, as its FILE.json states them."""
+    return {"input": {"name": "pixels", "shape": [1, student.image_size, student.image_size, 3], "layout": "NHWC",
+                      "dtype": "float32", "colour": "RGB", "range": [0, 255],
+                      "normalisation": f"inside the model: (x - {mean}) / {scale}",
+                      "crop": f"as the training data {student.train_spec!r}: crop box, then resize to "
+                              f"{student.image_size}x{student.image_size}", "batch": 1},
+            "output": {"shape": [1, student.embedding_size], "dtype": "float32",
+                       "meaning": "raw embedding: add the mirror image's embedding, L2-normalise, compare by cosine"}}
+
+
 def export(workdir: str, *, fmt: str, precision: str, out: str, checkpoint: str = "latest",
            calibration: str = "", parity: str = "", verify: str = "", calibration_images: int = 300,
            parity_images: int = 200, mean: float = INPUT_MEAN, scale: float = INPUT_SCALE,
@@ -338,13 +349,7 @@ def export(workdir: str, *, fmt: str, precision: str, out: str, checkpoint: str 
             "format": fmt, "precision": precision, "file": os.path.basename(out), "bytes": len(blob),
             "model": student.model, "workdir": os.path.abspath(workdir), "checkpoint": checkpoint,
             "step": student.step,
-            "input": {"name": "pixels", "shape": [1, student.image_size, student.image_size, 3], "layout": "NHWC",
-                      "dtype": "float32", "colour": "RGB", "range": [0, 255],
-                      "normalisation": f"inside the model: (x - {mean}) / {scale}",
-                      "crop": f"as the training data {student.train_spec!r}: crop box, then resize to "
-                              f"{student.image_size}x{student.image_size}", "batch": 1},
-            "output": {"shape": [1, student.embedding_size], "dtype": "float32",
-                       "meaning": "raw embedding: add the mirror image's embedding, L2-normalise, compare by cosine"},
+            **_contract(student, mean, scale),
             "parity": parity_record, "calibration": ({"spec": calibration, "images": int(len(calib))}
                                                      if calib is not None else None),
             "seconds": round(time.time() - t0, 1),

@@ -446,6 +446,23 @@ def _stream_dataset(src: sources_lib.StreamSource, *, batch_size: int, image_siz
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def _stream_batches(src: sources_lib.StreamSource, *, shuffle_buffer: Optional[int], **kwargs) -> Batches:
+    """A stream's Batches, which find, name and drop a record TensorFlow's decoder fails on, then go on."""
+    batch_size, start_step = kwargs["batch_size"], kwargs["start_step"]
+
+    def build(start: int, skip: frozenset) -> tf.data.Dataset:
+        ds = _stream_dataset(src, shuffle_buffer=shuffle_buffer, skip=skip, **dict(kwargs, start_step=start))
+        return ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
+
+    def find(step: int) -> Dict[str, str]:  # the records of this batch and those prefetched behind it
+        ds = src.dataset(kwargs["seed"], kwargs["process_index"], kwargs["process_count"],
+                         shuffle_buffer or DEFAULT_SHUFFLE_BUFFER)
+        return find_undecodable_records(ds.skip(step * batch_size).take(batch_size * (PREFETCH_BATCHES + 3)),
+                                        crop=src.crop, image_size=kwargs["image_size"])
+
+    return Batches(build(start_step, frozenset()), rebuild=build, find_undecodable=find, start_step=start_step)
+
+
 def make_train_dataset(spec: "str | specs_lib.DataSpec", *, batch_size: int, image_size: int = 112, seed: int = 0, start_step: int = 0,
                        augment: bool = True, process_index: Optional[int] = None,
                        process_count: Optional[int] = None, shuffle_buffer: Optional[int] = None,
@@ -514,17 +531,7 @@ def make_train_dataset(spec: "str | specs_lib.DataSpec", *, batch_size: int, ima
         if teacher_embeddings is not None:
             raise ValueError(f"make_train_dataset({spec!r}): cached teacher embeddings need an indexed source "
                              "(synthetic, folder, lfw, recordio); a streaming source has no stable example index")
-        def build_stream(start: int, skip: frozenset) -> tf.data.Dataset:
-            ds = _stream_dataset(src, shuffle_buffer=shuffle_buffer, skip=skip, **dict(kwargs, start_step=start))
-            return ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
-
-        def find_records(step: int) -> Dict[str, str]:  # the records of this batch and those prefetched behind it
-            ds = src.dataset(seed, process_index, process_count, shuffle_buffer or DEFAULT_SHUFFLE_BUFFER)
-            return find_undecodable_records(ds.skip(step * batch_size).take(batch_size * (PREFETCH_BATCHES + 3)),
-                                            crop=src.crop, image_size=image_size)
-
-        batches = Batches(build_stream(start_step, frozenset()), rebuild=build_stream, find_undecodable=find_records,
-                          start_step=start_step)
+        batches = _stream_batches(src, shuffle_buffer=shuffle_buffer, **kwargs)
     global_batch = batch_size * process_count
     info = dict(num_classes=int(src.num_classes), num_images=int(src.num_images), source=src.description,
                 synthetic=bool(src.synthetic), spec=str(spec), image_size=int(image_size), batch_size=int(batch_size),
