@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lfw-dlib lfw-aligned lfw-dlib-sweep install clean
+.PHONY: demo test lfw-dlib lfw-aligned lfw-dlib-sweep fuzz reliability install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ runs/lfw_aligned: | $(STAMP)
 # Every setting configs/lfw_dlib.py lists under SWEEP, on LFW's development split (docs/results.md).
 lfw-dlib-sweep: $(STAMP) runs/lfw_aligned
 	$(PY) -m facekd_jax.sweep --config=configs/lfw_dlib.py --workdir=runs/lfw_dlib_sweep
+
+# Bad input by the thousand: 10,000 mutants per reader (hours on 2 cores; PER_READER=N for fewer), then the
+# reliability page (docs/reliability.md) from the fault-scenario tests and those figures.
+PER_READER ?= 10000
+fuzz: $(STAMP)
+	mkdir -p runs/fuzz
+	$(PY) benchmarks/fuzz.py --per-reader $(PER_READER) --json runs/fuzz/fuzz.json
+reliability: $(STAMP)
+	$(PY) benchmarks/reliability.py --fuzz-json runs/fuzz/fuzz.json
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=20 tests
