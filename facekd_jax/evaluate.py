@@ -91,13 +91,7 @@ def _embed_with_norms(apply_fn, variables, images, *, batch_size=256, flip=True,
         raise ValueError(f"embed: batch_size must be >= 1, got {batch_size}")
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"embed: images must be uint8 or float, got {images.dtype}")
-    shards = 1
-    if mesh is not None:
-        if "data" not in mesh.axis_names:
-            raise ValueError(f"embed: the mesh needs a 'data' axis, it has {mesh.axis_names}")
-        shards = mesh.shape["data"]
-        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+    shards, batch_sharding, variables = _on_mesh(mesh, variables, "embed")
     # Static batch: one compilation; small sets use a smaller (still static) batch, a multiple of the shards.
     bs = -(-min(batch_size, n) // shards) * shards
     fn = embed_program(apply_fn, bool(flip), mesh)
@@ -114,6 +108,17 @@ def _embed_with_norms(apply_fn, variables, images, *, batch_size=256, flip=True,
     emb = np.concatenate([np.asarray(e) for e, _ in outputs])[:n]
     norms = np.concatenate([np.asarray(m) for _, m in outputs])[:n]
     return emb.astype(np.float32), norms.astype(np.float32)
+
+
+def _on_mesh(mesh, variables, who: str):
+    """(shards, the batch's sharding, the variables replicated) of an embedding program on `mesh`'s data axis;
+    (1, None, variables) without a mesh."""
+    if mesh is None:
+        return 1, None, variables
+    if "data" not in mesh.axis_names:
+        raise ValueError(f"{who}: the mesh needs a 'data' axis, it has {mesh.axis_names}")
+    return (mesh.shape["data"], NamedSharding(mesh, PartitionSpec("data")),
+            jax.device_put(variables, NamedSharding(mesh, PartitionSpec())))
 
 
 def embed(apply_fn: Callable, variables: Any, images, *, batch_size: int = 256, flip: bool = True,
@@ -155,13 +160,7 @@ def raw_embedder(apply_fn: Callable, variables: Any, *, mesh: jax.sharding.Mesh 
         program = _raw_embed_program(apply_fn, mesh)
     except TypeError:  # unhashable callable: compiled per embedder instead
         program = _raw_embed_program.__wrapped__(apply_fn, mesh)
-    shards, batch_sharding = 1, None
-    if mesh is not None:
-        if "data" not in mesh.axis_names:
-            raise ValueError(f"raw_embedder: the mesh needs a 'data' axis, it has {mesh.axis_names}")
-        shards = mesh.shape["data"]
-        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+    shards, batch_sharding, variables = _on_mesh(mesh, variables, "raw_embedder")
 
     def embed_raw(images) -> np.ndarray:
         images = np.asarray(images)
