@@ -241,11 +241,27 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001
                 raise CheckpointSaveError(_save_failure(directory, self.saving, e)) from e
 
-    def close(self) -> None:
-        self.wait()
-        self.latest.close()
-        if self.best is not None:
-            self.best.close()
+    def close(self, *, after_error: bool = False) -> None:
+        """Waits for the started saves, then releases both managers (each one, even when the other fails).
+
+        A failed save raises CheckpointSaveError; with `after_error` (the run is already stopping on an error,
+        often the same failed save that Orbax reports once more on close) it is logged instead, so that it does
+        not replace the error that stopped the run."""
+        failure = None
+        for manager, directory in ((self.latest, self.directory), (self.best, os.path.join(self.workdir, "best"))):
+            if manager is None:
+                continue
+            try:
+                manager.wait_until_finished()
+                manager.close()
+            except Exception as e:  # noqa: BLE001
+                if failure is None:
+                    failure = CheckpointSaveError(_save_failure(directory, self.saving, e))
+                    failure.__cause__ = e
+        if failure is not None:
+            if not after_error:
+                raise failure
+            log.error("while stopping on an earlier error: %s", failure)
 
 
 def _save_failure(directory: str, step: Optional[int], error: BaseException) -> str:

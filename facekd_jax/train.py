@@ -236,17 +236,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with _Preemption() as preemption:
         try:
             step, preempted = _loop(r, preemption)
-            if preempted:
-                return {"step": step, "preempted": True, "metrics": r.last_metrics}
-            if r.val_targets and (not r.eval_results or config.eval_every_steps <= 0
-                                  or step % config.eval_every_steps != 0):
-                r.evaluate(step)
-            if r.val_targets and jax.process_index() == 0:
-                eval_lib.write_results(os.path.join(workdir, "eval"), r.eval_results, step=step)
-            r.synced()
-        finally:
-            r.ckpt.close()
+            if not preempted:
+                if r.val_targets and (not r.eval_results or config.eval_every_steps <= 0
+                                      or step % config.eval_every_steps != 0):
+                    r.evaluate(step)
+                if r.val_targets and jax.process_index() == 0:
+                    eval_lib.write_results(os.path.join(workdir, "eval"), r.eval_results, step=step)
+                r.synced()
+        except BaseException:
+            r.ckpt.close(after_error=True)  # the error raised says what failed; closing must not replace it
             r.writer.flush()
+            raise
+        r.ckpt.close()
+        r.writer.flush()
+    if preempted:
+        return {"step": step, "preempted": True, "metrics": r.last_metrics}
     return {"step": step, "metrics": r.last_metrics, "eval": r.eval_results, "num_classes": r.setup.num_classes,
             "train_seconds": time.time() - t0, "nonfinite_steps": int(r.state.nonfinite_steps)}
 

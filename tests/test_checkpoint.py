@@ -300,3 +300,29 @@ def test_failed_save_stops_the_run_with_its_cause(tmp_path, monkeypatch, one_dev
     with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"step 2 .*no space left on device") as e:
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert "rerun the same command to resume" in str(e.value)
+
+
+def test_an_error_that_orbax_reports_again_on_close_does_not_replace_the_one_that_stopped_the_run(
+        tmp_path, monkeypatch, one_device, caplog):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    def full_disk(self, step, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
+
+    def reported_again(self):
+        raise OSError(errno.ENOSPC, "No space left on device (reported again)", str(self.directory))
+
+    config = tiny_config("baseline_resnet56", num_train_steps=4, checkpoint_every_steps=2,
+                         **{"data.val_targets": ()})
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    monkeypatch.setattr(ocp.CheckpointManager, "close", reported_again)
+    with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"step 2 .*no space left on device") as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "reported again" not in str(e.value)
+    assert any("while stopping on an earlier error" in r.getMessage() for r in caplog.records)
+    # Without an earlier error the same failure on close is the error, naming the folder.
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "other"))
+    with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"other/checkpoints failed: .*reported again"):
+        ck.close()
