@@ -2,6 +2,7 @@
 facekd_jax.plan (compile-only TPU devices; the [tpu] extra), never typed.
 
   python benchmarks/plan_table.py --out=docs/plan_table.md [--json=runs/plan_table.json] [--rows=thesis,ms1mv2,...]
+                                  [--topologies=v5e-8,...] [--no-search] [--resume]
 
 Rows (each: memory per chip, fits, the largest global batch that fits, roofline images/s and epoch time,
 collectives):
@@ -67,8 +68,14 @@ def main(argv=None) -> int:
     parser.add_argument("--topologies", default="", help="only these topologies of the rows (comma-separated)")
     parser.add_argument("--no-search", action="store_true", help="skip the largest-batch search (one compile a "
                         "row instead of several; its column says 'not searched')")
+    parser.add_argument("--resume", action="store_true", help="reuse the rows --json already holds (same "
+                        "configuration, topology and search): a table too long for one sitting is finished later")
     args = parser.parse_args(argv)
     only = {t for t in args.topologies.split(",") if t}
+    done = {}
+    if args.resume and args.json and os.path.exists(args.json):
+        done = {(p["config"], p["train"]["topology"], p.get("searched", True)): p
+                for p in json.loads(pathlib.Path(args.json).read_text())}
     sys.path.insert(0, str(REPO))
     os.chdir(REPO)
     from facekd_jax import config_lib, plan
@@ -82,12 +89,15 @@ def main(argv=None) -> int:
             for topology in topologies:
                 if only and topology not in only:
                     continue
-                t0 = time.time()
-                (p,) = plan.plan(config_lib.load_config(config), [topology], classes=classes,
-                                 search=not args.no_search)
-                p["row"], p["config"], p["seconds"] = name, config, round(time.time() - t0, 1)
+                p = done.get((config, topology, not args.no_search))
+                if p is None:
+                    t0 = time.time()
+                    (p,) = plan.plan(config_lib.load_config(config), [topology], classes=classes,
+                                     search=not args.no_search)
+                    p["row"], p["config"], p["seconds"] = name, config, round(time.time() - t0, 1)
+                    p["searched"] = not args.no_search
                 plans.append(p)
-                lines.append(row_markdown(name, p["train"], searched=not args.no_search))
+                lines.append(row_markdown(name, p["train"], searched=p["searched"]))
                 print(lines[-1], f"({p['seconds']} s)", flush=True)
                 write(args, lines, plans)  # after every row: a long run can be read before it ends
     print("\n".join(lines))
