@@ -45,8 +45,10 @@ PER_READER ?= 10000
 fuzz: $(STAMP)
 	mkdir -p runs/fuzz
 	$(PY) benchmarks/fuzz.py --per-reader $(PER_READER) --json runs/fuzz/fuzz.json
+# Several fuzz runs on one page (e.g. cheap readers at 10,000, slow ones fewer): FUZZ_JSON="a.json b.json".
+FUZZ_JSON ?= runs/fuzz/fuzz.json
 reliability: $(STAMP)
-	$(PY) benchmarks/reliability.py --fuzz-json runs/fuzz/fuzz.json
+	$(PY) benchmarks/reliability.py $(foreach f,$(FUZZ_JSON),--fuzz-json $(f))
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=20 tests

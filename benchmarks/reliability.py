@@ -2,6 +2,7 @@
 
     python benchmarks/reliability.py                          # runs the scenarios, writes docs/reliability.md
     python benchmarks/reliability.py --fuzz-json runs/fuzz/fuzz.json   # with a large fuzz run's figures
+    python benchmarks/reliability.py --fuzz-json A.json --fuzz-json B.json  # several runs (cheap and slow readers)
 
 The scenarios are tests (SCENARIOS: a test file and a -k expression each); they run here under pytest with a
 JUnit report, and the page lists each test with its outcome and time, grouped as below. The fuzz table comes from
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from typing import List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,16 +101,23 @@ def _selected(name: str, expr: str) -> bool:
     return not expr or any(word.strip() in name for word in expr.split(" or "))
 
 
-def fuzz_table(path: str) -> str:
-    if not path or not os.path.isfile(path):
+def fuzz_table(paths: List[str]) -> str:
+    """One table per fuzz run on record (`benchmarks/fuzz.py --json`): e.g. the cheap readers at 10,000 mutants
+    each and the slow ones (dlib's files, TFRecord) at a smaller budget, each run saying what it was."""
+    runs = [p for p in paths if p and os.path.isfile(p)]
+    if not runs:
         return ("No large fuzz run on record here: `python benchmarks/fuzz.py --json runs/fuzz/fuzz.json` (10,000 "
                 "mutants per reader; hours on 2 cores), then rerun this script with `--fuzz-json runs/fuzz/fuzz.json`.")
+    return "\n\n".join(_fuzz_run_table(p) for p in runs)
+
+
+def _fuzz_run_table(path: str) -> str:
     with open(path) as f:
         run = json.load(f)
     lines = [f"`{run['command']}`: {run['per_reader']:,} mutants per reader (mutator seed {run['seed']}), "
              f"{run['wall_s'] / 60:.0f} min on {run['cpus']} CPUs, Python {run['python']}"
              + ("" if run.get("complete") else " (**stopped before the end: the figures so far**)") + "."
-             + (f" A smaller run than the 10,000 per reader of `make fuzz` (hours on 2 cores)."
+             + (" A smaller run than the 10,000 per reader of `make fuzz` (hours on 2 cores)."
                 if run["per_reader"] < 10_000 else ""), "",
              "| seed | reader | inputs | right data | clear errors | failures | known | slowest s | peak MiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -118,7 +127,7 @@ def fuzz_table(path: str) -> str:
                      f"{r['largest_peak_bytes'] / 2**20:.1f} |")
     known = sorted({where for r in run["readers"] for where in r["known"]})
     lines += [""] + [f"Known (understood, the fix outside the reader): {where}" for where in known]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip()
 
 
 def exit_table() -> str:
@@ -139,7 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "reliability.md"))
     parser.add_argument("--junit", default=os.path.join(REPO, "runs", "reliability", "junit.xml"),
                         help="the scenarios' JUnit report (written by the run)")
-    parser.add_argument("--fuzz-json", default=os.path.join(REPO, "runs", "fuzz", "fuzz.json"))
+    parser.add_argument("--fuzz-json", action="append", default=[],
+                        help="a benchmarks/fuzz.py --json file; repeat for several runs (default runs/fuzz/fuzz.json)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-run", action="store_true", help="render the page from an existing --junit report")
     args = parser.parse_args(argv)
@@ -177,7 +187,7 @@ mutant in a sandboxed worker with a time bound, a Python allocation bound (trace
 answer equals what the unmutated parts say; "clear errors": one ValueError or project error naming the file;
 "failures": anything else (a crash, a hang, an allocation over the bound, another exception, a wrong answer).
 
-{fuzz_table(args.fuzz_json)}
+{fuzz_table(args.fuzz_json or [os.path.join(REPO, "runs", "fuzz", "fuzz.json")])}
 """
     with open(args.out, "w") as f:
         f.write(page)

@@ -59,3 +59,30 @@ def test_the_data_kinds_table_is_the_registry():
 
     assert specs.kinds_table() in (REPO / "docs" / "data.md").read_text(), \
         "docs/data.md's spec table differs from data.specs.kinds_table(): paste the function's output there"
+
+
+def test_the_reliability_page_shows_each_fuzz_run_and_says_which_are_smaller_or_unfinished(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("reliability", REPO / "benchmarks" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+
+    def run(path, per_reader, complete, seeds):
+        readers = [{"seed": s, "reader": s, "inputs": per_reader, "right": 1, "clear_errors": per_reader - 1,
+                    "failures": 0, "known_failures": 0, "slowest_s": 0.5, "largest_peak_bytes": 2**20,
+                    "known": []} for s in seeds]
+        path.write_text(json.dumps({"command": f"fuzz --per-reader {per_reader}", "per_reader": per_reader,
+                                    "seed": 0, "wall_s": 600, "cpus": 2, "python": "3.11", "complete": complete,
+                                    "readers": readers}))
+        return str(path)
+
+    big = run(tmp_path / "big.json", 10_000, True, ["bin", "pth"])
+    small = run(tmp_path / "small.json", 300, False, ["tfrecord"])
+    page = reliability.fuzz_table([big, small, str(tmp_path / "absent.json")])
+    first, second = page.split("\n\n`")
+    assert "| bin | bin | 10,000 |" in first and "| pth |" in first and "tfrecord" not in first
+    assert "smaller run" not in first and "stopped before the end" not in first
+    assert "| tfrecord | tfrecord | 300 |" in second and "smaller run" in second and "stopped before the end" in second
+    assert "No large fuzz run" in reliability.fuzz_table([str(tmp_path / "absent.json")])
