@@ -411,6 +411,33 @@ def test_bin_written_by_insightface_style_py2_pickle(tmp_path):
         verification.load_verification(f"bin:{tmp_path}/absent.bin")
 
 
+def test_bin_numpy_arrays_are_rebuilt_from_data_never_by_numpy_s_own_unpickling(tmp_path):
+    """The fuzz harness's two .bin findings: a dtype state one field short crashed the interpreter inside NumPy
+    (SIGSEGV), and an array whose shape said 57,771,264 made NumPy allocate that before its data replaced it."""
+    import tracemalloc
+
+    imgs = [jpeg_bytes(i) for i in range(2)]
+    good = pickle.dumps(([np.frombuffer(imgs[0], np.uint8), imgs[1]], np.array([True])), protocol=2)
+    path = tmp_path / "a.bin"
+    path.write_bytes(good)
+    bins, issame = verification.read_bin(path)
+    assert bins == imgs and issame.dtype == bool and issame.tolist() == [True]
+    assert good.count(b"NNN") == 2  # the two dtype states: (3, '|', None, None, None, -1, -1, 0)
+    path.write_bytes(good.replace(b"NNN", b"NN", 1))
+    with pytest.raises(ValueError, match=r"a\.bin: not a readable insightface \.bin .*a dtype state"):
+        verification.read_bin(path)
+    # _reconstruct(ndarray, (0,), b'b'): the placeholder shape, inflated.
+    at = good.index(b"K\x00\x85")  # BININT1 0, TUPLE1
+    path.write_bytes(good[:at] + b"J" + struct.pack("<i", 57_771_264) + good[at + 2:])
+    tracemalloc.start()
+    try:
+        bins, issame = verification.read_bin(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert bins == imgs and issame.tolist() == [True] and peak < 10 * 2**20, peak
+
+
 def py2_pickle(bins, issame):
     """Opcodes a Python 2 pickle.dump((bins, issame), f, protocol=2) produces (py2 str = BINSTRING), as in
     insightface's own lfw.bin / agedb_30.bin / cfp_fp.bin."""

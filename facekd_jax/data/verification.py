@@ -15,13 +15,12 @@ import io
 import logging
 import os
 import pickle
-import pickletools
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from facekd_jax import safe_pickle
 from facekd_jax.data import images as images_lib
 from facekd_jax.data import specs as specs_lib
 from facekd_jax.data.specs import LFW_IMAGES, DataSpec
@@ -163,7 +162,7 @@ def protocol_order(pairs: List[Pair], pairs_txt: str) -> List[Pair]:
 
 class _BinUnpickler(pickle.Unpickler):
     """Unpickles only lists/tuples of bytes, bools and numpy arrays: a .bin from the internet cannot run code."""
-    _NUMPY = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer", "bool_", "uint8", "bool"}
+    _NUMPY = set(safe_pickle.NUMPY_GLOBALS)
 
     def find_class(self, module, name):
         if module == "_codecs" and name == "encode":  # how protocol <= 2 pickles store Python 3 bytes
@@ -176,12 +175,7 @@ class _BinUnpickler(pickle.Unpickler):
             import builtins
             return getattr(builtins, name)
         if (module == "numpy" or module.startswith(("numpy.core", "numpy._core"))) and name in self._NUMPY:
-            import importlib
-            try:
-                return getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):
-                mod = module.replace("numpy.core", "numpy._core", 1)  # pickles from numpy 1.x read under numpy 2
-                return getattr(importlib.import_module(mod), name)
+            return safe_pickle.NUMPY_GLOBALS[name]  # arrays rebuilt from data, never by NumPy's own unpickling
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a verification .bin holds only encoded "
                                      "images and booleans")
 
@@ -193,29 +187,6 @@ def _from_data(kind):
             raise pickle.UnpicklingError(f"{kind.__name__}({args[0]}) asks for a size, not data")
         return kind(*args)
     return build
-
-
-def _check_pickle(data: bytes, path: str) -> None:
-    """Walks the pickle's opcodes (pickletools builds nothing) before the unpickler runs: every length must fit in
-    the bytes left, every memo index must be one the pickle could have made so far, and no opcode may straddle the
-    end of a frame. The unpickler allocates the length an opcode declares (2**40 bytes), grows its memo to an index
-    (2**32 slots), or, reading from a file, asks for gigabytes across a frame's end, before it finds the data
-    short."""
-    pos, last, frame_end = 0, 0, 0
-    try:
-        for n, (op, arg, pos) in enumerate(pickletools.genops(data)):
-            if pos > frame_end > last:
-                raise ValueError(f"the opcode at byte {last} runs past the end of its frame at byte {frame_end}")
-            last = pos
-            if op.name == "FRAME":
-                if arg > len(data) - pos - 9:
-                    raise ValueError(f"a frame of {arg} bytes with {len(data) - pos - 9} left")
-                frame_end = pos + 9 + arg
-            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > n:
-                raise ValueError(f"memo index {arg} after {n} opcodes")
-    except (ValueError, struct.error) as e:
-        raise ValueError(f"{path}: not a readable insightface .bin (pickle of (images, issame)): at byte {pos}: "
-                         f"{e}") from None
 
 
 def _as_bytes(item, path: str, i: int) -> bytes:
@@ -235,7 +206,7 @@ def read_bin(path: str) -> Tuple[List[bytes], np.ndarray]:
         raise FileNotFoundError(f"verification .bin not found: {path}")
     with open(path, "rb") as f:
         data = f.read()
-    _check_pickle(data, path)
+    safe_pickle.scan(data, f"{path}: not a readable insightface .bin (pickle of (images, issame))")
     try:
         obj = _BinUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any failure of a foreign pickle (numpy's SystemError too) is the file's
@@ -243,6 +214,10 @@ def read_bin(path: str) -> Tuple[List[bytes], np.ndarray]:
             obj = _BinUnpickler(io.BytesIO(data), encoding="latin1").load()
         except Exception:  # noqa: BLE001
             raise ValueError(f"{path}: not a readable insightface .bin (pickle of (images, issame)): {e}") from e
+    try:
+        obj = safe_pickle.resolve(obj)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable insightface .bin (pickle of (images, issame)): {e}") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(x, (tuple, list, np.ndarray))
                                                                       for x in obj)):
         raise ValueError(f"{path}: expected a pickled pair (encoded images, issame list), got {type(obj).__name__}")
