@@ -10,14 +10,18 @@ extra) and onnx / onnxruntime; a test skips where its part is absent.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import pickle
+import pickletools
 import re
+import struct
 import subprocess
 import sys
 import warnings
 import zipfile
+import zlib
 
 import jax
 import numpy as np
@@ -356,6 +360,44 @@ def test_legacy_and_torchscript_files_are_refused_by_the_pure_reader(r18, tmp_pa
     for use_torch in (False, True):
         with pytest.raises(pth_format.PthFormatError, match="a TorchScript archive"):
             pth_format.read_state_dict(scripted, use_torch=use_torch)
+
+
+def test_a_damaged_zip_directory_or_pickle_is_one_error_naming_the_file(tmp_path):
+    """The fuzz harness's .pth findings: zipfile raised BadZipFile from is_zipfile and RuntimeError for an entry
+    flagged encrypted, outside the reader's errors; a memo index in data.pkl made the unpickler allocate gigabytes."""
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.ones(3)}, path)
+    good = path.read_bytes()
+    np.testing.assert_array_equal(pth_format.read_state_dict(path, use_torch=False)["w"], np.ones(3))
+
+    def refused(data: bytes, match: str, readers=(False, True)) -> None:
+        path.write_bytes(data)
+        for use_torch in readers:
+            with pytest.raises(pth_format.PthFormatError, match=match) as e:
+                pth_format.read_state_dict(path, use_torch=use_torch)
+            assert str(e.value).startswith(f"{path}: ")
+
+    locator = good.rindex(b"PK\x06\x07")  # torch writes zip64: the locator's "total number of disks" at +16
+    refused(good[:locator + 16] + struct.pack("<I", 2) + good[locator + 20:], "damaged zip archive .*multiple disks")
+    central = good.index(b"PK\x01\x02")  # the first entry's record (data.pkl): general purpose flags at +8
+    flags = struct.unpack("<H", good[central + 8:central + 10])[0] | 1
+    # (torch's reader ignores the flag and reads the entry: only the pure reader is asked)
+    refused(good[:central + 8] + struct.pack("<H", flags) + good[central + 10:], "damaged zip archive .*encrypted",
+            readers=(False,))
+    with zipfile.ZipFile(io.BytesIO(good)) as z:
+        info = z.getinfo(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        pickled = z.read(info)
+    name_length, extra_length = struct.unpack("<HH", good[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length  # the local header's own lengths (torch pads)
+    assert good[start:start + len(pickled)] == pickled
+    last_put = [pos for op, arg, pos in pickletools.genops(pickled) if op.name == "BINPUT"][-1]
+    damaged = bytearray(good)
+    damaged[start + last_put + 1] = 250  # a memo slot this pickle cannot have made yet
+    crc = struct.pack("<I", zlib.crc32(bytes(damaged[start:start + len(pickled)])))  # zipfile checks it: mend it
+    damaged[info.header_offset + 14:info.header_offset + 18] = crc
+    damaged[central + 16:central + 20] = crc
+    refused(bytes(damaged), r"data\.pkl is not a readable state dict: at byte \d+: memo index 250",
+            readers=(False,))
 
 
 # --- errors -----------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
@@ -151,9 +150,10 @@ def read_insightface(path: "str | os.PathLike", *, use_torch: Optional[bool] = N
         raise FileNotFoundError(f"--weights={path}: no such file")
     with open(path, "rb") as f:
         pickled = f.read(1) == b"\x80"   # a pickle's PROTO opcode: a legacy (non-zip) torch.save file
-    if path.lower().endswith(".onnx") or not (zipfile.is_zipfile(path) or pickled):
-        return read_onnx(path)
     from facekd_jax.teachers import pth_format
+
+    if path.lower().endswith(".onnx") or not (pth_format.is_zip_archive(path) or pickled):
+        return read_onnx(path)
 
     use_torch = pth_format.torch_installed() if use_torch is None else use_torch
     state = pth_format.read_state_dict(path, use_torch=use_torch)

@@ -32,6 +32,8 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
+from facekd_jax import safe_pickle
+
 TORCH_HINT = "pip install torch (CPU wheel)"
 
 
@@ -160,8 +162,11 @@ def _zip_prefix(archive: zipfile.ZipFile, path: str) -> str:
     return pickles[0][:-len("data.pkl")]
 
 
-# What zipfile raises on a damaged archive (OSError: a seek to a negative offset a damaged directory names).
-_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, UnicodeDecodeError, NotImplementedError)
+# What zipfile raises on a damaged archive: OSError for a seek to a negative offset a damaged directory names,
+# ValueError for one past 2**63 ("cannot fit 'int' into an offset-sized integer"), RuntimeError for an entry whose
+# flags say it is encrypted. (A PthFormatError is a ValueError too: the readers re-raise it first.)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, UnicodeDecodeError, NotImplementedError,
+               ValueError, RuntimeError)
 
 
 def read_zip_state_dict(path: "str | os.PathLike") -> Any:
@@ -170,7 +175,7 @@ def read_zip_state_dict(path: "str | os.PathLike") -> Any:
     PthFormatError names the file and, for a refused pickle, the global it names (nothing from the file runs).
     """
     path = os.fspath(path)
-    if not zipfile.is_zipfile(path):
+    if not is_zip_archive(path):
         raise PthFormatError(f"{path}: not a zip archive: a legacy torch.save file (torch < 1.6) or not a PyTorch "
                              f"file at all; the legacy format is read only through torch ({TORCH_HINT}), or "
                              "re-save it with a current torch: torch.save(torch.load(path, weights_only=True), new)")
@@ -183,7 +188,12 @@ def read_zip_state_dict(path: "str | os.PathLike") -> Any:
                 byteorder = "little"  # archives written before torch recorded it are little-endian
             if byteorder not in ("little", "big"):
                 raise PthFormatError(f"{path}: {prefix}byteorder says {byteorder!r}, expected 'little' or 'big'")
-            unpickler = _StateDictUnpickler(archive.read(f"{prefix}data.pkl"), archive, prefix, byteorder)
+            raw = archive.read(f"{prefix}data.pkl")
+            try:
+                safe_pickle.scan(raw, f"{path}: {prefix}data.pkl is not a readable state dict")
+            except ValueError as e:
+                raise PthFormatError(str(e)) from None
+            unpickler = _StateDictUnpickler(raw, archive, prefix, byteorder)
             try:
                 return unpickler.load()
             except Exception as e:  # noqa: BLE001 - any failure of a foreign pickle is the file's, said in one line
@@ -195,6 +205,16 @@ def read_zip_state_dict(path: "str | os.PathLike") -> Any:
                     ) from None
                 raise PthFormatError(f"{path}: {prefix}data.pkl is not a readable state dict ({type(e).__name__}: "
                                      f"{e})") from None
+    except PthFormatError:
+        raise
+    except _ZIP_ERRORS as e:
+        raise PthFormatError(f"{path}: a damaged zip archive ({type(e).__name__}: {e})") from None
+
+
+def is_zip_archive(path: str) -> bool:
+    """zipfile.is_zipfile, with a damaged end record (it raises BadZipFile for some) a PthFormatError."""
+    try:
+        return zipfile.is_zipfile(path)
     except _ZIP_ERRORS as e:
         raise PthFormatError(f"{path}: a damaged zip archive ({type(e).__name__}: {e})") from None
 
@@ -203,10 +223,12 @@ def _torch_load(path: str) -> Any:
     """torch.load with weights_only=True (torch's allow-list), tensors turned into NumPy arrays."""
     import torch
 
-    if zipfile.is_zipfile(path):
+    if is_zip_archive(path):
         try:
             with zipfile.ZipFile(path) as archive:
                 _zip_prefix(archive, path)  # refuses a TorchScript archive before torch would run it
+        except PthFormatError:
+            raise
         except _ZIP_ERRORS as e:
             raise PthFormatError(f"{path}: a damaged zip archive ({type(e).__name__}: {e})") from None
     try:
