@@ -9,6 +9,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 from facekd_jax.cpu import xla_flags  # noqa: E402
 
 xla_flags.apply_cpu_defaults()
+from runs import TEST_XLA_FLAGS  # noqa: E402  (LLVM level 0: compiles 4x faster; why in runs.py)
+
+os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # The tests run on the CPU: with the [tpu] extra installed (the TPU plan's tests), JAX would otherwise try to start
@@ -21,7 +24,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="facekd-jax-cache-")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Every program, however small: an op run outside jit compiles one per shape (about 0.25 s each here), and the
+# same few hundred recur in every worker and subprocess (a model's eager init alone is ~80 of them).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
