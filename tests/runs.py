@@ -14,11 +14,6 @@ if str(REPO) not in sys.path:
 
 # The config variant "tiny" (facekd_jax/config_lib.py): seconds to compile and run on 2 CPU cores.
 TINY_ARG = "tiny"
-# XLA:CPU at LLVM optimisation level 0 in the test processes and the subprocesses they start: the suite compiles
-# thousands of programs that then run for milliseconds, and LLVM's passes are most of a compile (a small program:
-# 0.15 s at the default level, 0.04 s at 0 on 2 cores). Every comparison in the tests is between runs under the same
-# flags; test_xla_flags and the notebooks run at XLA's defaults, and speed is measured in benchmarks/, at them too.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def tiny_config(module: str = "baseline_resnet56", workdir: Optional[str] = None, **overrides):
@@ -80,7 +75,7 @@ def main_command(config_file: str, workdir, overrides: Optional[Dict] = None, mo
 
 def subprocess_env(devices: int = 1, **extra) -> Dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
     return env
