@@ -48,14 +48,3 @@ def one_device():
     with context():
         yield
 
-
-def pytest_collection_modifyitems(config, items):
-    """Longest first: xdist hands out work in collection order, so a long run picked up last leaves the other
-    worker idle at the end (the suite's last 13% took 8 of its 17.5 minutes). The export group, which one worker
-    runs in series, goes first, then the end-to-end runs marked slow; everything else keeps its order."""
-    def rank(item) -> int:
-        if item.get_closest_marker("xdist_group"):
-            return 0
-        return 1 if item.get_closest_marker("slow") else 2
-
-    items.sort(key=rank)  # stable

@@ -103,7 +103,6 @@ np.savez(sys.argv[1], ynn_eltwise=eltwise, onednn=onednn, loss=float(metrics["to
 """
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not xla_flags.jaxlib_is_tested(),
                     reason="the XLA:CPU defaults are only applied on the jaxlib they were tested with")
 def test_defaults_take_effect_and_change_results_only_by_summation_order(tmp_path):
