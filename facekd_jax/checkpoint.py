@@ -172,11 +172,15 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any failure to write stops the run, with its cause
             raise CheckpointSaveError(_save_failure(self.directory, step, e)) from e
 
+    def _managers(self):
+        """(manager, its folder) for the latest checkpoints and, when kept, the best one."""
+        yield self.latest, self.directory
+        if self.best is not None:
+            yield self.best, os.path.join(self.workdir, "best")
+
     def check_for_errors(self) -> None:
         """Raises CheckpointSaveError when a background (async) save has failed since the last check."""
-        for manager, directory in ((self.latest, self.directory), (self.best, os.path.join(self.workdir, "best"))):
-            if manager is None:
-                continue
+        for manager, directory in self._managers():
             try:
                 manager.check_for_errors()
             except Exception as e:  # noqa: BLE001
@@ -233,9 +237,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until every started save is on disk; CheckpointSaveError if one failed."""
-        for manager, directory in ((self.latest, self.directory), (self.best, os.path.join(self.workdir, "best"))):
-            if manager is None:
-                continue
+        for manager, directory in self._managers():
             try:
                 manager.wait_until_finished()
             except Exception as e:  # noqa: BLE001
@@ -248,9 +250,7 @@ class Checkpointer:
         often the same failed save that Orbax reports once more on close) it is logged instead, so that it does
         not replace the error that stopped the run."""
         failure = None
-        for manager, directory in ((self.latest, self.directory), (self.best, os.path.join(self.workdir, "best"))):
-            if manager is None:
-                continue
+        for manager, directory in self._managers():
             try:
                 manager.wait_until_finished()
                 manager.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+
 def scan(data: bytes, what: str) -> None:
     """Walks the pickle's opcodes (pickletools builds nothing) before an unpickler runs: every length must fit in
     the bytes left, every memo index must be one the pickle could have made so far, and no opcode may straddle the
