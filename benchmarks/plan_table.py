@@ -49,7 +49,8 @@ def _cell_gib(n) -> str:
 def row_markdown(name: str, train: dict, searched: bool = True) -> str:
     m = train["memory_per_chip"]
     fits = "yes" if train["fits"] else f"no (+{_cell_gib(train['shortfall_bytes'])} GiB)"
-    best = train.get("max_batch") if searched else "not searched"
+    # Without the search, a row that does not fit still names its largest batch (the plan halves it until it fits).
+    best = train.get("max_batch") if searched or "max_batch" in train else "not searched"
     if "compiler" in m:  # refused by the compiler: no cost figures
         return (f"| {name} | {train['topology']} | {train['global_batch']} | {_cell_gib(m['total'])} (compiler) | "
                 f"{fits} | {best or 'none'} | - | - | - |")

@@ -146,3 +146,21 @@ def test_the_slice_a_tpu_host_sees_is_named_as_the_plan_names_it():
         tpu.topology_of([Device("TPU v5 lite")] * 3)
     with pytest.raises(plan.PlanError, match="NVIDIA H200"):
         tpu.topology_of([Device("NVIDIA H200")])
+
+
+def test_the_plan_table_names_the_largest_batch_of_a_row_that_does_not_fit_even_without_the_search():
+    """benchmarks/plan_table.py --no-search: a row that fits says "not searched"; one that does not, the batch the
+    plan halved down to (plan.plan always finds it then)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import plan_table
+
+    train = {"topology": "colab", "global_batch": 512, "fits": False, "shortfall_bytes": 2**28, "head_gathered": [],
+             "memory_per_chip": {"total": 15 * 2**30}, "images_per_second_bound": 2360.0, "max_batch": 256,
+             "epoch_seconds_bound": {"CASIA-WebFace": 60.0, "MS1MV2": 600.0, "WebFace42M": 3600.0},
+             "collectives": {"all-reduce": {"count": 0, "bytes": 0}}}
+    cells = [c.strip() for c in plan_table.row_markdown("thesis", train, searched=False).split("|")]
+    assert cells[5:7] == ["no (+0.25 GiB)", "256"], cells
+    fits = dict(train, fits=True, shortfall_bytes=0)
+    del fits["max_batch"]
+    cells = [c.strip() for c in plan_table.row_markdown("thesis", fits, searched=False).split("|")]
+    assert cells[5:7] == ["yes", "not searched"], cells
