@@ -155,6 +155,34 @@ def test_damaged_newest_checkpoint_is_reported_and_passed_over(tmp_path, caplog)
     assert (tmp_path / "checkpoints" / "2").exists()
 
 
+def test_a_checkpoint_whose_parameters_hold_nan_is_passed_over_as_damage(tmp_path, caplog, monkeypatch):
+    """Its fingerprints match (written from the NaN), so only the finiteness check catches it: with NumPy for
+    arrays in host memory, with one jitted program for an accelerator's (forced here); both name the array."""
+    config = tiny_config("baseline_resnet56")
+    mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
+    state, abstract = _state_on(mesh, config)
+    ck = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=5, async_save=False)
+    ck.save(2, state.as_dict(), {"step": 2})
+    params = jax.tree.map(np.asarray, state.params)
+    kernel = params["head"]["kernel"].copy()
+    kernel[0, 1] = np.inf
+    params["head"]["kernel"] = kernel
+    ck.save(4, state.replace(step=state.step + 2, params=params).as_dict(), {"step": 4})
+    ck.close()
+    poisoned = {"params": params}
+    for on_host in (True, False):
+        monkeypatch.setattr(ckpt_lib, "_in_host_memory", lambda x, on_host=on_host: on_host)
+        with pytest.raises(ValueError, match=r"non-finite values in \[\"\['head'\]\['kernel'\]\"\]"):
+            ckpt_lib._check_restored(poisoned, 4, "ckpt")
+        ckpt_lib._check_restored({"params": jax.tree.map(np.asarray, state.params)}, 2, "ckpt")
+    ck = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=5)
+    with caplog.at_level("ERROR"):
+        _, meta = ck.restore_latest(abstract.as_dict())
+    ck.close()
+    assert meta["step"] == 2 and "non-finite values" in caplog.text
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("corrupt-4")]
+
+
 _PUT_BATCH = sharding.put_batch
 
 
