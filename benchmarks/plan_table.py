@@ -11,7 +11,7 @@ collectives):
   ms1mv2     an iresnet50 teacher (cached) -> MobileFaceNet student at 112x112, bfloat16, batch 1024, on a v5e-8
              and a v4-8
   webface42m a 2,059,906-identity WebFace42M head, the margin head sharded over `model` (MobileFaceNet student,
-             cached iresnet50 teacher, bfloat16, batch 1024) on slices from v5e-4 up, to the smallest that fits
+             cached iresnet50 teacher, bfloat16, batch 1024) on 16-chip slices and down to one v5e chip
 These are compiler figures and roofline bounds, not measurements (facekd_jax/plan.py).
 """
 from __future__ import annotations
@@ -34,11 +34,11 @@ ROWS = {
                ("ResNet-18 -> ResNet-56, cached teacher", THESIS + ",teacher.cache=planned", "casia",
                 ["colab", "v5e-8"])],
     "ms1mv2": [("iresnet50 (cached) -> MobileFaceNet, bf16", STUDENT, "ms1mv2", ["v5e-8", "v4-8"])],
-    # The slice the issue names first, then the smallest: each is a 20-45 min compile on 2 cores, so a run cut
-    # short (--resume finishes it) already has the two rows that answer "does it fit, and where does it start to".
+    # From 16-chip slices down to one chip: where the head stops fitting.
     "webface42m": [(f"WebFace42M head, model parallelism {m}", STUDENT + f",mesh.model_parallelism={m}",
-                    "webface42m", [topology]) for m, topology in [(8, "v5e-16"), (2, "v5e-4"), (4, "v5e-8"),
-                                                                  (4, "v5p-16"), (4, "v5e-16")]],
+                    "webface42m", [topology]) for m, topology in [(8, "v5e-16"), (4, "v5e-16"), (4, "v5p-16"),
+                                                                  (4, "v5e-8"), (2, "v5e-4"), (2, "v5e-2"),
+                                                                  (1, "v5e-1")]],
 }
 
 
