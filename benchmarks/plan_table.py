@@ -37,7 +37,7 @@ ROWS = {
     # From 16-chip slices down to one chip: where the head stops fitting.
     "webface42m": [(f"WebFace42M head, model parallelism {m}", STUDENT + f",mesh.model_parallelism={m}",
                     "webface42m", [topology]) for m, topology in [(8, "v5e-16"), (4, "v5e-16"), (4, "v5p-16"),
-                                                                  (4, "v5e-8"), (2, "v5e-4"), (2, "v5e-2"),
+                                                                  (4, "v5e-8"), (2, "v5e-4"),
                                                                   (1, "v5e-1")]],
 }
 
