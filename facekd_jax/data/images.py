@@ -51,8 +51,37 @@ class _CorruptCounter:
 CORRUPT = _CorruptCounter()
 
 
+# Deflate's largest ratio is 1032:1 (a run of one byte): a PNG's pixel rows, inflated, are at most this many
+# times its file's size (plus the slack of a few short streams).
+_DEFLATE_RATIO, _DEFLATE_SLACK = 1032, 1 << 16
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type: grey, RGB, palette, grey+alpha, RGBA
+
+
+def _png_row_bytes(data: bytes) -> Optional[int]:
+    """The bytes of pixel rows a PNG's IHDR declares (filter bytes left out: a lower bound, interlaced or not), or
+    None for bytes that are not a PNG with an IHDR."""
+    if len(data) < 26 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    bits = data[24] * _PNG_CHANNELS.get(data[25], 1)
+    return height * ((width * bits + 7) // 8)
+
+
+def _check_png_size(data: bytes, name: str) -> None:
+    """ImageDecodeError for a PNG whose IHDR declares more pixel rows than its bytes can inflate to: a short or
+    altered file whose decoders would allocate the declared image (hundreds of MB under Pillow's pixel limit for a
+    1 KB file) before finding it short."""
+    rows = _png_row_bytes(data)
+    if rows is not None and rows > _DEFLATE_RATIO * len(data) + _DEFLATE_SLACK:
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        raise ImageDecodeError(f"cannot decode image {name}: its header declares {width}x{height} pixels, "
+                               f"{rows:,} bytes of rows, more than its {len(data):,} bytes can hold")
+
+
 def _pil_decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Bytes -> uint8 [H, W, 3] RGB with Pillow; raises ImageDecodeError naming `name`."""
+    _check_png_size(data, name)
     try:
         with Image.open(io.BytesIO(data)) as img:
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that (DecompressionBombError above), and
@@ -133,10 +162,22 @@ def _looks_complete(encoded: tf.Tensor) -> tf.Tensor:
     half-image silently, so such files go to Pillow, which names and skips them.
     """
     head2 = tf.strings.substr(encoded, 0, 2)
-    png = tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n")
+    png = tf.logical_and(tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE), _png_size_possible(encoded))
     bmp = tf.equal(head2, b"BM")
     gif = tf.equal(tf.strings.substr(encoded, 0, 4), b"GIF8")
     return tf.logical_or(_complete_jpeg(encoded), tf.logical_or(png, tf.logical_or(bmp, gif)))
+
+
+def _png_size_possible(encoded: tf.Tensor) -> tf.Tensor:
+    """`_check_png_size` in the graph: False sends the PNG to Pillow's path, which names and skips it."""
+    n = tf.strings.length(encoded)
+    head = tf.io.decode_raw(tf.strings.substr(tf.strings.join([encoded, b"\0" * 26]), 0, 26), tf.uint8)
+    b = tf.cast(head, tf.float64)  # float: width x height x bits overflows int64 for a 2**32 x 2**32 header
+    width = ((b[16] * 256 + b[17]) * 256 + b[18]) * 256 + b[19]
+    height = ((b[20] * 256 + b[21]) * 256 + b[22]) * 256 + b[23]
+    channels = tf.gather(tf.constant([1, 1, 3, 1, 2, 1, 4, 1], tf.float64), tf.minimum(tf.cast(head[25], tf.int32), 7))
+    rows = height * tf.math.ceil(width * b[24] * channels / 8)
+    return rows <= _DEFLATE_RATIO * tf.cast(n, tf.float64) + _DEFLATE_SLACK
 
 
 def _complete_jpeg(encoded: tf.Tensor) -> tf.Tensor:
