@@ -57,8 +57,19 @@ class DoesNotFit(Exception):
         self.required, self.available = required, available
 
 
-_OOM = re.compile(r"required for [\w ]+\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+# The two ways libtpu words a program too large for HBM: the sizes it needs and has, (required, available).
+_OOM = (re.compile(r"required for [\w ]+\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
+        re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory(message: str) -> Optional[Tuple[int, int]]:
+    """(required, available) bytes where a compile error says the program does not fit the chip's HBM, else None."""
+    for pattern in _OOM:
+        m = pattern.search(message)
+        if m is not None:
+            return (int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)]))
+    return None
 
 
 def _compile(lowered):
@@ -72,12 +83,10 @@ def _compile(lowered):
     try:
         return lowered.compile()
     except Exception as e:  # noqa: BLE001 (XlaRuntimeError: RESOURCE_EXHAUSTED)
-        m = _OOM.search(str(e))
-        if m is None:
+        sizes = out_of_memory(str(e))
+        if sizes is None:
             raise
-        required = int(float(m.group(1)) * _UNITS[m.group(2)])
-        available = int(float(m.group(3)) * _UNITS[m.group(4)])
-        raise DoesNotFit(str(e).splitlines()[0][:300], required, available) from None
+        raise DoesNotFit(str(e).splitlines()[0][:300], *sizes) from None
     finally:
         jax.config.update("jax_enable_compilation_cache", previous)
 

@@ -59,6 +59,18 @@ def test_a_class_sharded_head_is_split_over_the_model_axis_and_never_gathered():
     assert train["state_bytes_per_chip"]["params"] == 4 * (backbone + head // 2)
 
 
+def test_both_ways_libtpu_says_a_program_exceeds_hbm_are_read_as_does_not_fit():
+    """libtpu 0.0.42's words (the second came from a WebFace42M head at batch 512 on one v5e; unread, it stopped
+    the largest-batch search with a traceback)."""
+    first = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Program hbm requirement 17.63G: ... Total hbm "
+             "usage >= 17.63G: required for program (17.63G) exceeds available HBM (15.75G)")
+    second = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in "
+              "memory space hbm. Used 15.76G of 15.75G hbm. Exceeded hbm capacity by 16.84M.")
+    assert plan.out_of_memory(first) == (int(17.63 * 2**30), int(15.75 * 2**30))
+    assert plan.out_of_memory(second) == (int(15.76 * 2**30), int(15.75 * 2**30))
+    assert plan.out_of_memory("INTERNAL: something else") is None
+
+
 def test_the_collective_and_gather_readers_on_hlo_text():
     hlo = """
   %all-reduce.3 = f32[64,32]{1,0} all-reduce(f32[64,32]{1,0} %p), replica_groups={{0,1}}
