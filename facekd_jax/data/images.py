@@ -58,23 +58,24 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type: grey, RGB, palette, grey+alpha, RGBA
 
 
-def _png_row_bytes(data: bytes) -> Optional[int]:
-    """The bytes of pixel rows a PNG's IHDR declares (filter bytes left out: a lower bound, interlaced or not), or
-    None for bytes that are not a PNG with an IHDR."""
+def _png_header(data: bytes) -> Optional[Tuple[int, int, int]]:
+    """(width, height, bytes of pixel rows) a PNG's IHDR declares, or None for bytes that are not a PNG with an
+    IHDR. The row bytes leave the filter bytes out: a lower bound, interlaced or not (an interlaced pass row holds
+    pixels of one image row, so its rounding up only adds)."""
     if len(data) < 26 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     bits = data[24] * _PNG_CHANNELS.get(data[25], 1)
-    return height * ((width * bits + 7) // 8)
+    return width, height, height * ((width * bits + 7) // 8)
 
 
 def _check_png_size(data: bytes, name: str) -> None:
     """ImageDecodeError for a PNG whose IHDR declares more pixel rows than its bytes can inflate to: a short or
     altered file whose decoders would allocate the declared image (hundreds of MB under Pillow's pixel limit for a
     1 KB file) before finding it short."""
-    rows = _png_row_bytes(data)
-    if rows is not None and rows > _DEFLATE_RATIO * len(data) + _DEFLATE_SLACK:
-        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    header = _png_header(data)
+    if header is not None and header[2] > _DEFLATE_RATIO * len(data) + _DEFLATE_SLACK:
+        width, height, rows = header
         raise ImageDecodeError(f"cannot decode image {name}: its header declares {width}x{height} pixels, "
                                f"{rows:,} bytes of rows, more than its {len(data):,} bytes can hold")
 
@@ -175,7 +176,8 @@ def _png_size_possible(encoded: tf.Tensor) -> tf.Tensor:
     b = tf.cast(head, tf.float64)  # float: width x height x bits overflows int64 for a 2**32 x 2**32 header
     width = ((b[16] * 256 + b[17]) * 256 + b[18]) * 256 + b[19]
     height = ((b[20] * 256 + b[21]) * 256 + b[22]) * 256 + b[23]
-    channels = tf.gather(tf.constant([1, 1, 3, 1, 2, 1, 4, 1], tf.float64), tf.minimum(tf.cast(head[25], tf.int32), 7))
+    colour = tf.minimum(tf.cast(head[25], tf.int32), 7)
+    channels = tf.gather(tf.constant([1, 1, 3, 1, 2, 1, 4, 1], tf.float64), colour)  # as _PNG_CHANNELS, else 1
     rows = height * tf.math.ceil(width * b[24] * channels / 8)
     return rows <= _DEFLATE_RATIO * tf.cast(n, tf.float64) + _DEFLATE_SLACK
 
