@@ -126,7 +126,8 @@ def _fuzz_run_table(path: str) -> str:
                      f"{r['failures']} | {r['known_failures']} | {r['slowest_s']:.2f} | "
                      f"{r['largest_peak_bytes'] / 2**20:.1f} |")
     known = sorted({where for r in run["readers"] for where in r["known"]})
-    lines += [""] + [f"Known (understood, the fix outside the reader): {where}" for where in known]
+    lines += [""] + [f"Known (understood, counted apart from the failures; where the fix belongs): {where}"
+                     for where in known]
     return "\n".join(lines).rstrip()
 
 

@@ -1380,8 +1380,8 @@ def _selftest(case: str) -> Reader:
 
 READERS.update({f"selftest-{case}": _selftest(case)
                 for case in ("ok", "error", "hang", "crash", "wrong", "big", "unnamed", "other")})
-# Failures found and understood but not fixable in the reader's own module: reader -> [(a phrase of the failure,
-# where the fix belongs)]. They are counted apart (Report.known), never as passes.
+# Failures found and understood but not fixed yet: reader -> [(a phrase of the failure, where the fix belongs)].
+# They are counted apart (Report.known), never as passes.
 KNOWN: Dict[str, List[Tuple[str, str]]] = {
     # A flipped bit in a Feature's length prefix, its CRC-32C recomputed: TensorFlow's fast Example parser (what
     # tf.io.parse_example runs) takes the record and yields bytes of it, protobuf's own parser refuses it. 6 in
