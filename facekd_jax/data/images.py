@@ -177,7 +177,7 @@ def _png_size_possible(encoded: tf.Tensor) -> tf.Tensor:
     width = ((b[16] * 256 + b[17]) * 256 + b[18]) * 256 + b[19]
     height = ((b[20] * 256 + b[21]) * 256 + b[22]) * 256 + b[23]
     colour = tf.minimum(tf.cast(head[25], tf.int32), 7)
-    channels = tf.gather(tf.constant([1, 1, 3, 1, 2, 1, 4, 1], tf.float64), colour)  # as _PNG_CHANNELS, else 1
+    channels = tf.gather(tf.constant([_PNG_CHANNELS.get(c, 1) for c in range(8)], tf.float64), colour)
     rows = height * tf.math.ceil(width * b[24] * channels / 8)
     return rows <= _DEFLATE_RATIO * tf.cast(n, tf.float64) + _DEFLATE_SLACK
 
