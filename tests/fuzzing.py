@@ -1381,16 +1381,9 @@ def _selftest(case: str) -> Reader:
 READERS.update({f"selftest-{case}": _selftest(case)
                 for case in ("ok", "error", "hang", "crash", "wrong", "big", "unnamed", "other")})
 # Failures found and understood but not fixed yet: reader -> [(a phrase of the failure, where the fix belongs)].
-# They are counted apart (Report.known), never as passes.
-KNOWN: Dict[str, List[Tuple[str, str]]] = {
-    # A flipped bit in a Feature's length prefix, its CRC-32C recomputed: TensorFlow's fast Example parser (what
-    # tf.io.parse_example runs) takes the record and yields bytes of it, protobuf's own parser refuses it. 6 in
-    # 1,000 mutants. The fix: parse every local record with protobuf (tf.train.Example.FromString) in
-    # facekd_jax/data/sources.py's framing walk, a second full read of the files at open.
-    "tfrecord": [("Error parsing message with type 'tensorflow.Example'",
-                  "sources.tfrecord_source: TensorFlow's Example parser accepts a Feature whose length runs past "
-                  "its message; a protobuf parse of each record at open would name it")],
-}
+# They are counted apart (Report.known), never as passes. None today (the last, TensorFlow's lenient Example
+# parser, is fixed in sources.tfrecord_source, which parses every record with protobuf at open).
+KNOWN: Dict[str, List[Tuple[str, str]]] = {}
 # seed -> the reader that reads it
 SEEDS = {"recordio": "recordio", "recordio-scan": "recordio-scan", "bin": "bin", "bin-py2": "bin", "pairs": "pairs",
          "people": "people", "dlib": "dlib", "shape-predictor": "shape-predictor", "pth": "pth", "tfrecord": "tfrecord",
