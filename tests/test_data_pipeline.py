@@ -329,7 +329,7 @@ def test_tfrecord_source_keys_corrupt_and_determinism(tmp_path, caplog):
     for batch in got:
         assert_colours_match_labels(batch)
     assert corrupt_skipped() - before >= 2
-    assert any(f"b.tfrecord:record 6" in r.getMessage() for r in caplog.records)
+    assert any("b.tfrecord:record 6" in r.getMessage() for r in caplog.records)
     assert images_lib.CORRUPT.names[named:].count(f"{tmp_path}/b.tfrecord:record 7") == 1
     again = take(make_train_dataset(spec, batch_size=4, image_size=SIZE, shuffle_buffer=8, **ONE_PROCESS)[0], 7)
     assert_equal_batches(got, again)
