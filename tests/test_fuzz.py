@@ -18,10 +18,11 @@ import pytest
 
 import fuzzing
 
-# Mutants per seed, sized so the whole file takes about half a minute on two cores (dlib's seed is the real 22 MB file;
-# a TFRecord input builds a tf.data pipeline).
+# Mutants per seed, sized so the whole file takes about half a minute on two cores (dlib's seed is the real 22 MB file,
+# shape-predictor's the real 9 MB one; a TFRecord input builds a tf.data pipeline).
 BUDGET = {"recordio": 50, "recordio-scan": 30, "bin": 60, "bin-py2": 40, "pairs": 60, "people": 50, "dlib": 10,
-          "shape-predictor": 3, "pth": 40, "tfrecord": 8, "cache": 60, "config": 40, "jpeg": 8, "png": 8}
+          "shape-predictor": 3, "shape-predictor-tiny": 40, "pth": 40, "tfrecord": 8, "cache": 60, "config": 40,
+          "jpeg": 8, "png": 8}
 # The constant in "10x the file size + a small constant": 1 MiB of Python allocations (tracemalloc), or 32 MiB of
 # resident memory for the readers that build TensorFlow graphs (Reader.graphs: TensorFlow's own working memory).
 SMALL, SMALL_GRAPHS = 1 << 20, 32 << 20
