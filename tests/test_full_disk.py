@@ -3,6 +3,7 @@ or an export stops with one line naming the path and the cause, keeps everything
 exactly once space is freed. On a small tmpfs the test mounts (root only; skipped elsewhere, with the reason).
 The export's case is in test_export.py, beside the student it exports."""
 import errno
+import os
 import pathlib
 import subprocess
 import sys
@@ -24,21 +25,17 @@ class Disk:
         self.filler = root / "filler"
 
     def fill(self) -> None:
-        with open(self.filler, "ab") as f:
-            chunk = b"\0" * (64 << 10)
-            try:
-                while True:
-                    f.write(chunk)
-                    f.flush()
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-        # Byte-sized writes may still find room in the last page: take that too.
-        with open(self.filler, "ab", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 512)
-            except OSError:
-                pass
+        # Unbuffered: a buffered file keeps the bytes that did not fit and raises ENOSPC again when closed.
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            for size in (64 << 10, 512, 1):  # then the byte-sized room left in the last page
+                try:
+                    while os.write(fd, b"\0" * size):
+                        pass
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+        finally:
+            os.close(fd)
 
     def free(self) -> None:
         self.filler.unlink()
