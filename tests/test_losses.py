@@ -103,8 +103,14 @@ def rel_close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol)
 
 
-def random_cosines(key, b, c, spread=1.0):
-    return jax.random.uniform(key, (b, c), jnp.float32, -spread, spread)
+def random_cosines(seed, b, c, spread=1.0):
+    """Uniform cosines in [-spread, spread) (NumPy: jax.random would compile a program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).uniform(-spread, spread, (b, c)), jnp.float32)
+
+
+def normal(seed, shape):
+    """Standard normal samples, float32 (NumPy, as random_cosines)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def random_unit_cosines(seed, b=32, c=100, e=64):
@@ -120,7 +126,7 @@ def random_unit_cosines(seed, b=32, c=100, e=64):
 
 
 def test_zero_margin_gives_s_cos():
-    cos = random_cosines(jax.random.key(0), 8, 11)
+    cos = random_cosines(0, 8, 11)
     labels = jnp.arange(8) % 11
     out = jax.jit(lambda c: L.margin_logits(c, labels, s=S, m1=1.0, m2=0.0, m3=0.0))(cos)
     rel_close(out, S * np.asarray(cos, np.float64), rtol=1e-6)
@@ -130,7 +136,7 @@ def test_zero_margin_gives_s_cos():
 
 
 def test_cosface_subtracts_s_m3_at_label_only():
-    cos = random_cosines(jax.random.key(1), 6, 9)
+    cos = random_cosines(1, 6, 9)
     labels = jnp.array([0, 3, 8, 8, 1, 5])
     out = np.asarray(L.margin_logits(cos, labels, s=S, m2=0.0, m3=M_COS), np.float64)
     plain = S * np.asarray(cos, np.float64)
@@ -142,7 +148,7 @@ def test_cosface_subtracts_s_m3_at_label_only():
 
 @pytest.mark.parametrize("spread", [1.0, 0.3])
 def test_arcface_values_match_arccos_reference(spread):
-    cos = np.array(random_cosines(jax.random.key(2), 64, 16, spread))
+    cos = np.array(random_cosines(2, 64, 16, spread))
     labels = np.arange(64) % 16
     # Edges at the label: +-1, 0, either side of the fallback threshold cos(pi - m) (where the standard fallback
     # jumps: -1 vs cos(pi - m) - sin(pi - m) * m), and points beyond it.
@@ -157,7 +163,7 @@ def test_arcface_values_match_arccos_reference(spread):
 
 
 def test_label_row_only_changes():
-    cos = random_cosines(jax.random.key(3), 4, 7)
+    cos = random_cosines(3, 4, 7)
     labels = jnp.array([2, -1, 6, 0])  # -1: not on this shard, row unchanged
     out = np.asarray(L.margin_logits(cos, labels))
     plain = 64.0 * np.asarray(cos)
@@ -171,8 +177,8 @@ def test_label_row_only_changes():
 @pytest.mark.parametrize("data", ["uniform", "unit_embeddings"])
 def test_margin_cross_entropy_matches_float64_reference(name, data):
     if data == "uniform":
-        cos = np.asarray(random_cosines(jax.random.key(4), 128, 50))
-        labels = np.asarray(jax.random.randint(jax.random.key(5), (128,), 0, 50))
+        cos = np.asarray(random_cosines(4, 128, 50))
+        labels = np.random.default_rng(5).integers(0, 50, 128)
     else:
         cos, labels = random_unit_cosines(6, b=128, c=200, e=64)
     if name == "arcface":
@@ -194,7 +200,7 @@ def test_arcface_on_unit_embeddings_equals_plain_cos_theta_plus_m():
 
 
 def test_easy_margin_only_where_cos_positive():
-    cos = np.asarray(random_cosines(jax.random.key(8), 32, 5))
+    cos = np.asarray(random_cosines(8, 32, 5))
     labels = np.arange(32) % 5
     out = np.asarray(L.margin_logits(cos, labels, easy_margin=True), np.float64)
     c = cos.astype(np.float64)[np.arange(32), labels]
@@ -213,7 +219,7 @@ def test_sphereface_matches_reference_and_is_monotonic():
 
 
 def test_per_sample_margin_equals_scalar_rows():
-    cos = random_cosines(jax.random.key(9), 5, 6)
+    cos = random_cosines(9, 5, 6)
     labels = jnp.array([0, 1, 2, 3, 4])
     margins = [0.2, 0.25, 0.3, 0.45, 0.5]
     out = L.margin_logits(cos, labels, m2=jnp.array(margins))
@@ -268,9 +274,9 @@ def test_arcface_gradient_matches_analytic_derivative():
 
 
 def test_straight_through_same_values_identity_gradient():
-    cos = random_cosines(jax.random.key(10), 8, 5, spread=0.9)
+    cos = random_cosines(10, 8, 5, spread=0.9)
     labels = jnp.arange(8) % 5
-    w = jax.random.normal(jax.random.key(11), (8, 5))
+    w = normal(11, (8, 5))
     st_out, g = jax.jit(jax.value_and_grad(
         lambda c: jnp.sum(w * L.margin_logits(c, labels, straight_through=True))))(cos)
     ref_out, g_true = jax.jit(jax.value_and_grad(lambda c: jnp.sum(w * L.margin_logits(c, labels))))(cos)
@@ -286,7 +292,7 @@ def test_straight_through_same_values_identity_gradient():
 
 def test_margin_head_init_and_cosine():
     head = L.MarginHead(num_classes=1000)
-    emb = jax.random.normal(jax.random.key(12), (6, 64)) * 3.0
+    emb = normal(12, (6, 64)) * 3.0
     variables = head.init(jax.random.key(13), emb)
     kernel = np.asarray(variables["params"]["kernel"])
     assert kernel.shape == (64, 1000) and kernel.dtype == np.float32
@@ -305,7 +311,7 @@ def test_margin_head_class_axis_shards_without_gather():
 
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     head = L.MarginHead(num_classes=64)
-    emb = jax.random.normal(jax.random.key(14), (16, 8))
+    emb = normal(14, (16, 8))
     labels = jnp.arange(16) % 64
     params = head.init(jax.random.key(15), emb)
 
@@ -344,8 +350,8 @@ def test_hinton_nonnegative_and_zero_on_itself(zs, zt, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_hinton_matches_textbook(temperature):
-    zs = np.asarray(jax.random.normal(jax.random.key(16), (16, 30)) * 5)
-    zt = np.asarray(jax.random.normal(jax.random.key(17), (16, 30)) * 5)
+    zs = np.asarray(normal(16, (16, 30)) * 5)
+    zt = np.asarray(normal(17, (16, 30)) * 5)
     rel_close(L.hinton_kd(zs, zt, temperature), np_hinton(zs, zt, temperature), rtol=1e-5)
 
 
@@ -357,8 +363,8 @@ def test_hinton_is_not_symmetric_direction_teacher_to_student():
 
 
 def test_feature_kd_matches_textbook_and_zero_on_itself():
-    s = np.asarray(jax.random.normal(jax.random.key(18), (10, 32)))
-    t = np.asarray(jax.random.normal(jax.random.key(19), (10, 32))) * 7
+    s = np.asarray(normal(18, (10, 32)))
+    t = np.asarray(normal(19, (10, 32))) * 7
     cos = np.sum(np_unit(s) * np_unit(t), axis=1)
     rel_close(L.feature_kd(s, t, kind="mse"), np.mean((np_unit(s) - np_unit(t)) ** 2), rtol=1e-5)
     rel_close(L.feature_kd(s, t, kind="mse"), np.mean(2 - 2 * cos) / 32, rtol=1e-5)
@@ -385,8 +391,8 @@ _rkd_d_jit, _rkd_a_jit = jax.jit(L.rkd_distance), jax.jit(L.rkd_angle)
 
 
 def test_rkd_matches_textbook():
-    s = np.asarray(jax.random.normal(jax.random.key(20), (12, 16)))
-    t = np.asarray(jax.random.normal(jax.random.key(21), (12, 24))) * 3 + 1
+    s = np.asarray(normal(20, (12, 16)))
+    t = np.asarray(normal(21, (12, 24))) * 3 + 1
     rel_close(_rkd_d_jit(s, t), np_rkd_distance(s, t), rtol=1e-4)
     rel_close(_rkd_a_jit(s, t), np_rkd_angle(s, t), rtol=1e-4)
     assert float(_rkd_d_jit(s, s)) < 1e-8 and float(_rkd_a_jit(s, s)) < 1e-8
@@ -400,8 +406,8 @@ def test_rkd_matches_textbook():
 @HYP
 @given(a=st.floats(1e-2, 1e2), b=st.floats(1e-2, 1e2), shift=st.floats(-5, 5))
 def test_rkd_scale_and_translation_invariant(a, b, shift):
-    s = np.asarray(jax.random.normal(jax.random.key(22), (8, 6)))
-    t = np.asarray(jax.random.normal(jax.random.key(23), (8, 10)))
+    s = np.asarray(normal(22, (8, 6)))
+    t = np.asarray(normal(23, (8, 10)))
     base_d, base_a = _rkd_d_jit(s, t), _rkd_a_jit(s, t)
     np.testing.assert_allclose(_rkd_d_jit(a * s, a * t), base_d, rtol=1e-4)  # common scale
     np.testing.assert_allclose(_rkd_d_jit(a * s + shift, b * t), base_d, rtol=1e-4)
@@ -423,16 +429,16 @@ def test_rkd_angle_is_accurate_for_near_duplicate_embeddings():
 
 
 def test_rkd_finite_gradient_with_duplicate_rows():
-    s = jax.random.normal(jax.random.key(24), (6, 4)).at[1].set(0).at[2].set(0)  # two identical rows
-    t = jax.random.normal(jax.random.key(25), (6, 5))
+    s = normal(24, (6, 4)).at[1].set(0).at[2].set(0)  # two identical rows
+    t = normal(25, (6, 5))
     for fn in (L.rkd_distance, L.rkd_angle):
         g = jax.jit(jax.grad(fn))(s, t)
         assert np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0)
 
 
 def test_cosine_matrix_kd_matches_textbook():
-    s = np.asarray(jax.random.normal(jax.random.key(26), (9, 12)))
-    t = np.asarray(jax.random.normal(jax.random.key(27), (9, 20)))
+    s = np.asarray(normal(26, (9, 12)))
+    t = np.asarray(normal(27, (9, 20)))
     ss, tt = np_unit(s) @ np_unit(s).T, np_unit(t) @ np_unit(t).T
     rel_close(L.cosine_matrix_kd(s, t), np.mean((ss - tt) ** 2), rtol=1e-5)
     assert float(L.cosine_matrix_kd(s, s)) < 1e-10
@@ -441,7 +447,7 @@ def test_cosine_matrix_kd_matches_textbook():
 
 
 def test_adaptive_margin_formula_and_constant():
-    tc = np.asarray(random_cosines(jax.random.key(28), 8, 5))
+    tc = np.asarray(random_cosines(28, 8, 5))
     labels = np.arange(8) % 5
     d = np.maximum(tc[np.arange(8), labels].astype(np.float64), 0)
     expected = (0.5 - 0.2) / d.max() * d + 0.2
@@ -466,8 +472,8 @@ KD_FUNCS = {
 @pytest.mark.parametrize("name", sorted(KD_FUNCS))
 def test_every_loss_under_jit_and_grad(name):
     fn = KD_FUNCS[name]
-    a = jnp.tanh(jax.random.normal(jax.random.key(29), (6, 8)))
-    b = jnp.tanh(jax.random.normal(jax.random.key(30), (6, 8)))
+    a = jnp.tanh(normal(29, (6, 8)))
+    b = jnp.tanh(normal(30, (6, 8)))
     eager = fn(a, b)
     value, (ga, gb) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(a, b)
     np.testing.assert_allclose(value, eager, rtol=1e-5, atol=1e-7)

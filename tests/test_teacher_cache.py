@@ -215,7 +215,7 @@ def test_projection_maps_a_smaller_student_into_the_teacher_space():
     assert np.isfinite(float(metrics["feature"]))
     assert not np.allclose(new.params["projection"]["kernel"], before)
     # The evaluated student is the backbone alone: the projection is not part of its apply.
-    assert "projection" not in run.student.init(jax.random.PRNGKey(0), batch["image"][:1])["params"]
+    assert "projection" not in jax.eval_shape(run.student.init, jax.random.PRNGKey(0), batch["image"][:1])["params"]
 
 
 def test_teacher_run_describes_its_network(tmp_path):
