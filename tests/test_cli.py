@@ -4,6 +4,8 @@ FACEKD_TRACEBACK=1), as facekd_jax.errors documents; the statuses of a run (0, 7
 import subprocess
 import sys
 
+import pytest
+
 from runs import REPO, subprocess_env
 from facekd_jax import errors
 
@@ -17,6 +19,7 @@ def _side_by_side(commands, **env):
     return [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
 
 
+@pytest.mark.slow
 def test_bad_input_at_the_command_line_is_one_line_and_exit_status_2(tmp_path):
     main = [sys.executable, "-m", "facekd_jax.main"]
     missing = tmp_path / "no_such_faces"

@@ -541,6 +541,7 @@ def corrupt_body_jpeg():
     return bytes(data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoding", DECODING)
 def test_images_tensorflow_cannot_decode_are_skipped_named_once_and_never_hang(tmp_path, decoding):
     """A corrupt-body JPEG and a truncated PNG (headers intact) in a folder: every batch is full, each bad file is

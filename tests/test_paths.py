@@ -96,6 +96,7 @@ def test_a_gs_workdir_is_mirrored_to_the_bucket_and_resumes_from_it_on_a_new_mac
     assert os.listdir(tmp_path / "cwd") == []
 
 
+@pytest.mark.slow
 def test_a_gs_teacher_data_and_cache_are_read_from_local_copies(bucket, tmp_path, one_device):
     """A teacher run, a folder of faces, a .bin verification set and a teacher cache in the bucket, each read from
     a local copy: a student distils from the live teacher on the bucket's faces and evaluates on its .bin; a cache

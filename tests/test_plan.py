@@ -85,6 +85,7 @@ def test_the_collective_and_gather_readers_on_hlo_text():
     assert plan.gathered_head(hlo, 32, 1000) and not plan.gathered_head(hlo, 32, 2000)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_config_too_large_for_one_chip_exits_3_naming_the_shortfall(tmp_path):
     """40 M classes: a [32, 40 M] float32 head, its momentum and gradient (15 GiB) exceed a v5e's 16 GiB budget

@@ -135,6 +135,7 @@ def test_real_teacher_table_at_toy_size_aggregates_seeds_and_has_the_label_free_
     assert any("reused" in line for line in logs)
 
 
+@pytest.mark.slow
 def test_a_sweep_compares_its_entries_on_the_development_pairs_with_one_teacher(tmp_path, lfw_dir, one_device):
     """python -m facekd_jax.sweep: each SWEEP entry's runs and its baseline trained with its settings, evaluated on
     LFW's development pairs (the reported pairs cannot be read meanwhile), all taught by the one teacher; an

@@ -15,6 +15,7 @@ from facekd_jax import step as step_lib
 from facekd_jax.teachers import load as teacher_load
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step_and_teacher_is_untouched():
     """3 KD steps on 1 device, on 8 (data) and on 4x2 (data x model: class-sharded head) agree."""
     # flax's layers on both meshes: the sharding is under test here (the [cpu] layers: test_xla_flags.py)
@@ -43,6 +44,7 @@ def test_sharded_step_equals_single_device_step_and_teacher_is_untouched():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), results["one"], results[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["adadistill", "ekd"])
 def test_stateful_kd_methods_shard_and_checkpoint_their_state(module, tmp_path):
     """AdaDistill's centres shard their classes over `model` like the margin head; 3 steps on 4x2 equal 3 on one
@@ -92,6 +94,7 @@ def test_class_parallel_mesh_shards_only_the_class_centres():
     assert bool(metrics["finite"])
 
 
+@pytest.mark.slow
 def test_a_class_count_the_model_axis_does_not_divide_pads_the_head_and_trains_as_on_one_device():
     """7 classes over a model axis of 4 (CASIA's 10,572 over 8 in miniature): the head gets 8 columns, sharded, and
     the padded one is never read, so 3 steps of Hinton KD on 2x4 equal 3 on one device (7 columns); no all-gather
@@ -246,6 +249,7 @@ def test_main_trains_teacher_then_distils_then_evaluates(tmp_path):
     assert (student_dir / "eval" / "roc.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_unknown_config_key_and_missing_teacher_are_clear_errors(tmp_path):
     cmd = [sys.executable, "-m", "facekd_jax.main", f"--config={REPO}/configs/feature_kd.py:smoke",
            f"--workdir={tmp_path}", "--config.kd.feture_weight=3"]
@@ -336,6 +340,7 @@ def test_eval_of_an_imported_teacher_takes_its_own_crop_where_a_set_names_none(t
                                     str(tmp_path)).data.val_targets == config.data.val_targets
 
 
+@pytest.mark.slow
 def test_a_config_file_outside_the_repository_trains_from_another_directory(tmp_path):
     """Config files import only the installed package (facekd_jax.config_lib), not the repository's configs/."""
     import shutil

@@ -105,6 +105,7 @@ np.savez(sys.argv[1], ynn_eltwise=eltwise, onednn=onednn, loss=float(metrics["to
 
 @pytest.mark.skipif(not xla_flags.jaxlib_is_tested(),
                     reason="the XLA:CPU defaults are only applied on the jaxlib they were tested with")
+@pytest.mark.slow
 def test_defaults_take_effect_and_change_results_only_by_summation_order(tmp_path):
     """Three feature-KD steps on one CPU device as facekd_jax.main runs them (XLA:CPU defaults, cpu_kernels=auto),
     with flax's layers (cpu_kernels=xla), and with neither: element-wise YNNPACK fusions only with the defaults
