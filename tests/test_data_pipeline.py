@@ -373,6 +373,10 @@ def test_a_tfrecord_example_that_only_tensorflows_lenient_parser_accepts_is_name
         w.write(_pb_field(1, label_entry))
     with pytest.raises(ValueError, match=r"b.tfrecord: record 1: feature 'image' is not one bytes value"):
         make_train_dataset(f"tfrecord:{tmp_path}/*.tfrecord", batch_size=2, image_size=SIZE, **ONE_PROCESS)
+    # And a negative label.
+    write_tfrecord(tmp_path / "b.tfrecord", [(image, 2), (image, -3)])
+    with pytest.raises(ValueError, match=r"b.tfrecord: record 1: negative label -3"):
+        make_train_dataset(f"tfrecord:{tmp_path}/*.tfrecord", batch_size=2, image_size=SIZE, **ONE_PROCESS)
 
 
 def test_tfrecord_data_in_a_bucket_is_read_through_tensorflows_file_systems(tmp_path):

@@ -273,22 +273,24 @@ def _example_label(raw: bytes, image_key: str, label_key: str) -> int:
     return feature[label_key].int64_list.value[0]
 
 
-def _tfrecord_labels(path: str, image_key: str, label_key: str) -> np.ndarray:
-    """Every record's label, read through TensorFlow (which checks each record's CRCs) and parsed by protobuf;
-    ValueError naming the file and the record otherwise."""
-    labels, record = [], 0
+def _tfrecord_count(path: str, image_key: str, label_key: str) -> Tuple[int, int]:
+    """(records, largest label) of one file, every record read through TensorFlow (which checks its CRCs) and
+    parsed by protobuf; ValueError naming the file and the record otherwise."""
+    record, largest = 0, -1
     try:
         for batch in tf.data.TFRecordDataset(path).batch(1024).as_numpy_iterator():
             for raw in batch:
-                labels.append(_example_label(raw, image_key, label_key))
-                record += 1
+                label = _example_label(raw, image_key, label_key)
+                if label < 0:
+                    raise ValueError(f"negative label {label}")
+                largest, record = max(largest, label), record + 1
     except ValueError as e:
         raise ValueError(f"{path}: record {record}: {e}") from None
     # UnicodeDecodeError: TensorFlow's message quoting the record's bytes could not even be decoded.
     except (tf.errors.OpError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: unreadable TFRecord file at record {record} ({type(e).__name__}: "
                          f"{_tf_reason(e)})") from None
-    return np.asarray(labels, np.int64)
+    return record, largest
 
 
 def tfrecord_source(spec: DataSpec, *, image_size: int = 0, shuffle_buffer: int = 10_000) -> StreamSource:
@@ -305,14 +307,10 @@ def tfrecord_source(spec: DataSpec, *, image_size: int = 0, shuffle_buffer: int 
     image_key, label_key = _example_keys(files[0])
     # Files read in parallel, a thread each: TensorFlow reads and checks the bytes outside the GIL.
     with concurrent.futures.ThreadPoolExecutor(min(16, len(files))) as pool:
-        counts = [(len(labels), int(labels.max(initial=-1)), int(labels.min(initial=0)))
-                  for labels in pool.map(lambda f: _tfrecord_labels(f, image_key, label_key), files)]
+        counts = list(pool.map(lambda f: _tfrecord_count(f, image_key, label_key), files))
     num_images = sum(c[0] for c in counts)
     if num_images == 0:
         raise ValueError(f"{pattern}: no examples in {len(files)} TFRecord file(s)")
-    bad = next((f for f, c in zip(files, counts) if c[2] < 0), None)
-    if bad is not None:
-        raise ValueError(f"{bad}: negative label in a TFRecord example")
     num_classes = max(c[1] for c in counts) + 1
     feature_spec = {image_key: tf.io.FixedLenFeature([], tf.string), label_key: tf.io.FixedLenFeature([], tf.int64)}
 
