@@ -794,10 +794,14 @@ def _torch_state_dict_bytes() -> bytes:
     return buf.getvalue()
 
 
+def protobuf_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: its tag, its length (varints), its bytes."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
 def _tfrecord_bytes(items: Sequence[Tuple[bytes, int]]) -> bytes:
     """tf.train.Example records {"image": bytes, "label": int64} framed as TFRecord (no TensorFlow needed)."""
-    def field(number: int, payload: bytes) -> bytes:
-        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    field = protobuf_field
 
     def feature_entry(key: str, feature: bytes) -> bytes:
         return field(1, field(1, key.encode()) + field(2, feature))

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from fuzzing import protobuf_field
 from facekd_jax.data import corrupt_skipped, make_train_dataset, sources, synthetic
 from facekd_jax.data import images as images_lib
 
@@ -335,24 +336,15 @@ def test_tfrecord_source_keys_corrupt_and_determinism(tmp_path, caplog):
     assert_equal_batches(got, again)
 
 
-def _pb_field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field, its length a varint."""
-    length, n = bytearray(), len(payload)
-    while True:
-        length.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes([number << 3 | 2]) + bytes(length) + payload
-
-
 def test_a_tfrecord_example_that_only_tensorflows_lenient_parser_accepts_is_named(tmp_path):
     """An Example whose Features length runs 8 bytes past its message, with valid CRCs: TensorFlow's fast parser
     (tf.io.parse_example) yields an image and a label from it, protobuf refuses it. Found by the fuzz harness (6
     in 1,000 mutants)."""
     image = encode(solid(COLOURS[0]), "PNG") + bytes(200)  # over 128 bytes: the lengths are two-byte varints
-    image_entry = _pb_field(1, _pb_field(1, b"image") + _pb_field(2, _pb_field(1, _pb_field(1, image))))
-    label_entry = _pb_field(1, _pb_field(1, b"label") + _pb_field(2, _pb_field(3, _pb_field(1, bytes([1])))))
-    good = _pb_field(1, image_entry + label_entry)  # Example{features{feature map}}
+    f = protobuf_field
+    image_entry = f(1, f(1, b"image") + f(2, f(1, f(1, image))))            # feature map entry: bytes_list
+    label_entry = f(1, f(1, b"label") + f(2, f(3, f(1, bytes([1])))))        # int64_list, packed
+    good = f(1, image_entry + label_entry)  # Example{features{feature map}}
     assert tf.train.Example.FromString(good).features.feature["label"].int64_list.value == [1]
     bad = bytearray(good)
     bad[1] += 8  # the low byte of Example.features's length
@@ -370,7 +362,7 @@ def test_a_tfrecord_example_that_only_tensorflows_lenient_parser_accepts_is_name
     # A record without its image is named the same way, by file and record.
     with tf.io.TFRecordWriter(str(tmp_path / "b.tfrecord")) as w:
         w.write(good)
-        w.write(_pb_field(1, label_entry))
+        w.write(f(1, label_entry))
     with pytest.raises(ValueError, match=r"b.tfrecord: record 1: feature 'image' is not one bytes value"):
         make_train_dataset(f"tfrecord:{tmp_path}/*.tfrecord", batch_size=2, image_size=SIZE, **ONE_PROCESS)
     # And a negative label.
